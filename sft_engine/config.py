@@ -1,0 +1,268 @@
+"""One pydantic config per stage, loaded from YAML with ``key=value`` overrides.
+
+Every model forbids unknown keys, so a typo fails before any work starts, with a message that
+names the key, what it accepts, and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Strict):
+    """One raw data source. Exactly one of ``path`` or ``builtin`` is set."""
+
+    name: str = Field(description="Short name used in drop reasons, stats and mixing.")
+    path: str | None = Field(default=None, description="File or glob of .jsonl/.jsonl.gz/.json/.parquet files.")
+    builtin: Literal["chitchat", "verifiable_tasks"] | None = Field(
+        default=None, description="Generate this source from an installed package (no hub): chitchat or verifiable_tasks."
+    )
+    format: Literal["auto", "messages", "alpaca"] = Field(
+        default="auto", description="Row shape; auto detects messages vs instruction/input/output per file."
+    )
+    limit: int | None = Field(default=None, gt=0, description="Read at most this many rows (None = all).")
+    weight: float = Field(default=1.0, gt=0, description="Mixing weight (1.0 = every kept row once).")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceConfig:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError(f"source '{self.name}': set exactly one of 'path' (a file or glob) or 'builtin' (chitchat, verifiable_tasks)")
+        return self
+
+
+class CurateConfig(_Strict):
+    """Curation: read, normalize, validate, dedup, filter, split."""
+
+    sources: list[SourceConfig] = Field(min_length=1, description="Raw sources to read.")
+    min_chars: int | None = Field(default=1, ge=0, description="Drop conversations with fewer characters (None = off).")
+    max_chars: int | None = Field(default=20_000, gt=0, description="Drop conversations with more characters (None = off).")
+    min_turns: int | None = Field(default=2, ge=1, description="Drop conversations with fewer messages (None = off).")
+    max_turns: int | None = Field(default=64, ge=1, description="Drop conversations with more messages (None = off).")
+    dedup: bool = Field(default=True, description="Exact dedup on whitespace/case-normalized text, first row wins.")
+    heldout_fraction: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of rows set aside for held-out evaluation, chosen by content hash."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CurateConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"curate.sources: names must be unique, got {names}")
+        for lo, hi in (("min_chars", "max_chars"), ("min_turns", "max_turns")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"curate.{lo} ({a}) must not exceed curate.{hi} ({b})")
+        return self
+
+
+class MaskStrategy(str, Enum):
+    """Which tokens carry a loss."""
+
+    ALL_ASSISTANT = "all_assistant"
+    LAST_ASSISTANT = "last_assistant"
+    EVERYTHING = "everything"
+
+
+class PrepareConfig(_Strict):
+    """Rendering, tokenization with loss masks, and packing."""
+
+    max_seq_len: int = Field(default=2048, ge=16, description="Packed row length in tokens.")
+    mask: MaskStrategy = Field(default=MaskStrategy.ALL_ASSISTANT, description="all_assistant, last_assistant or everything.")
+    overlong: Literal["drop", "truncate"] = Field(
+        default="drop", description="What to do with a sample longer than max_seq_len: drop it, or truncate it (counted either way)."
+    )
+    tokenize_batch_size: int = Field(default=1024, ge=1, description="Conversations per fast-tokenizer batch call.")
+
+
+class TrainConfig(_Strict):
+    """DeepSpeed training."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    micro_batch_size: int = Field(default=1, ge=1, description="Packed rows per forward pass per process.")
+    grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(default=1e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    warmup_steps: int = Field(default=2, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = Field(default=(0.9, 0.95))
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Max global grad norm (None = off).")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the packed data; ignored when max_steps is set.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps (overrides epochs).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa", description="Attention kernel; all respect packed sample boundaries."
+    )
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = all cores).")
+
+
+class EvalConfig(_Strict):
+    """Held-out loss of base vs tuned, and a generation sample."""
+
+    compare_base: bool = Field(default=True, description="Also evaluate the base model on the same held-out split.")
+    micro_batch_size: int = Field(default=2, ge=1)
+    max_heldout_rows: int | None = Field(default=None, ge=1, description="Cap on held-out packed rows (None = all).")
+    generate_samples: int = Field(default=4, ge=0, description="Held-out prompts to generate answers for.")
+    max_new_tokens: int = Field(default=48, ge=1)
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline: shared settings and one section per stage."""
+
+    model: str = Field(
+        default="smollm2-135m",
+        description="'smollm2-135m' (packaged, converted once to safetensors) or a local Hugging Face model folder.",
+    )
+    work_dir: Path = Field(default=Path("runs"), description="Where stage outputs, the MLflow store and caches live.")
+    experiment: str = Field(default="sft-pipeline", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite under work_dir."
+    )
+    seed: int = Field(default=0, description="Seed for splits, shuffles and training.")
+    curate: CurateConfig
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    def resolved_tracking_uri(self) -> str:
+        """The MLflow URI in force: explicit config, then the environment, then local SQLite."""
+        if self.tracking_uri:
+            return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.work_dir / 'mlflow.db').resolve()}"
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' has an empty key segment")
+        node = out
+        for part in parts[:-1]:
+            if part.isdigit() and isinstance(node, list):
+                node = node[int(part)]
+                continue
+            nxt = node.get(part)
+            if not isinstance(nxt, (dict, list)):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        last = parts[-1]
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (for listing valid keys)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if get_origin(ann) is list:
+            ann = get_args(ann)[0]
+        current = ann
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _describe(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """What a field accepts, from its annotation and description."""
+    parent = _model_at(model, loc[:-1])
+    if parent is None or not isinstance(loc[-1], str) or loc[-1] not in parent.model_fields:
+        return ""
+    field = parent.model_fields[loc[-1]]
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, Enum):
+        accepts = ", ".join(m.value for m in ann)
+    else:
+        accepts = str(ann).replace("typing.", "")
+    desc = f" {field.description}" if field.description else ""
+    return f" Accepts: {accepts}.{desc}"
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """Turn a pydantic error into lines that name each key, the bad value and the fix."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            lines.append(f"unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}.")
+        elif e["type"] == "missing":
+            lines.append(f"missing key '{key}'.{_describe(model, loc)}")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "{...}"
+            lines.append(f"bad value for '{key}': {e['msg']} (got {shown}).{_describe(model, loc)}")
+    return "invalid config:\n  - " + "\n  - ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline config from YAML plus ``key=value`` overrides; raise ConfigError naming any bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pass --config conf/demo.yaml or another file under conf/")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of keys, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, PipelineConfig)) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """A JSON-safe dict of a config (enums as values, paths as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out

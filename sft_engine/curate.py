@@ -1,0 +1,304 @@
+"""Curation on Polars: read raw rows, normalize to one conversation schema, validate, filter,
+dedup, split and mix, keeping a ``drop_reason`` for every row that does not make it.
+
+Canonical schema (one row per conversation)::
+
+    source: str      the source's configured name
+    row: i64         1-based line / row number in that source
+    messages: list[struct{role: str, content: str}]
+
+Every drop reason is ``<step>_<rule>``; rows in = rows kept + rows dropped, per source and overall.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+
+from sft_engine.config import CurateConfig, SourceConfig
+from sft_engine.constants import ROLES
+from sft_engine.demo_data import builtin_rows
+
+MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
+SCHEMA = {"source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "drop_reason": pl.String, "raw": pl.String}
+
+# Raw preview kept for rejected rows so a curator can see what was wrong without the 10 MB row itself.
+RAW_PREVIEW_CHARS = 500
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be read at all (missing, unreadable); names the file and the cause."""
+
+
+def _normalize_messages(msgs: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    if not isinstance(msgs, list):
+        return None, "normalize_bad_type"
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return None, "normalize_missing_field"
+        role, content = m["role"], m["content"]
+        if not isinstance(role, str) or not isinstance(content, str):
+            return None, "normalize_bad_type"
+        out.append({"role": role.strip().lower(), "content": content})
+    return out, None
+
+
+def _normalize_alpaca(obj: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str | None]:
+    if "instruction" not in obj or "output" not in obj:
+        return None, "normalize_missing_field"
+    instr, inp, out = obj.get("instruction"), obj.get("input") or "", obj.get("output")
+    if not all(isinstance(x, str) for x in (instr, inp, out)):
+        return None, "normalize_bad_type"
+    user = f"{instr}\n\n{inp}" if inp.strip() else instr
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+    system = obj.get("system")
+    if isinstance(system, str) and system.strip():
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs, None
+
+
+def normalize_row(obj: Any, fmt: str = "auto") -> tuple[list[dict[str, str]] | None, str | None]:
+    """Map one raw row (messages or Alpaca shape) to canonical messages, or return a drop reason."""
+    if not isinstance(obj, dict):
+        return None, "normalize_not_an_object"
+    if fmt == "messages" or (fmt == "auto" and "messages" in obj):
+        if "messages" not in obj:
+            return None, "normalize_missing_field"
+        return _normalize_messages(obj["messages"])
+    if fmt == "alpaca" or (fmt == "auto" and "instruction" in obj):
+        return _normalize_alpaca(obj)
+    return None, "normalize_unknown_shape"
+
+
+def _raw_objects(path: Path) -> Iterable[tuple[Any, str | None, str]]:
+    """Yield (object or None, read error or None, raw preview) for each row of one file."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            for obj in pl.read_parquet(path).to_dicts():
+                yield obj, None, ""
+            return
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise SourceError(f"cannot read source file '{path}': {exc}") from exc
+    if name.endswith(".json") or name.endswith(".json.gz"):
+        try:
+            arr = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"source file '{path}' is not a JSON array: {exc}; use .jsonl for one object per line") from exc
+        if not isinstance(arr, list):
+            raise SourceError(f"source file '{path}' holds a JSON {type(arr).__name__}, expected an array of rows")
+        for obj in arr:
+            yield obj, None, ""
+        return
+    for line in data.split(b"\n"):
+        if not line.strip():
+            yield None, "read_empty_line", ""
+            continue
+        preview = line[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield None, "read_bad_utf8", preview
+            continue
+        try:
+            yield orjson.loads(text), None, preview
+        except orjson.JSONDecodeError:
+            yield None, "read_bad_json", preview
+
+
+def source_files(source: SourceConfig) -> list[Path]:
+    assert source.path is not None
+    files = sorted(Path(p) for p in glob.glob(source.path))
+    if not files:
+        raise SourceError(f"source '{source.name}': path '{source.path}' matches no file; check the path or glob")
+    return files
+
+
+def read_source(source: SourceConfig, seed: int = 0) -> pl.DataFrame:
+    """Read one source into the canonical schema; malformed rows carry a drop_reason instead of failing."""
+    records: list[dict[str, Any]] = []
+
+    def add(obj: Any, err: str | None, raw: str) -> None:
+        msgs = None
+        if err is None:
+            msgs, err = normalize_row(obj, source.format)
+            if err is not None and not raw:
+                raw = orjson.dumps(obj, default=str)[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
+        records.append({"source": source.name, "row": len(records) + 1, "messages": msgs, "drop_reason": err, "raw": raw or None})
+
+    if source.builtin is not None:
+        for obj in builtin_rows(source.builtin, source.limit, seed):
+            add(obj, None, "")
+    else:
+        for path in source_files(source):
+            for obj, err, raw in _raw_objects(path):
+                # Trailing newline of a JSONL file is not a row.
+                if err == "read_empty_line":
+                    continue
+                add(obj, err, raw)
+                if source.limit is not None and len(records) >= source.limit:
+                    break
+    return pl.DataFrame(records, schema=SCHEMA)
+
+
+_ROLE_CODES = {"system": "s", "user": "u", "assistant": "a", "tool": "t"}
+# system first (optional), then user turns each answered by the assistant (tool results in between).
+_TURN_ORDER = r"^s?(u(a?t)*a)+$"
+
+
+def _roles() -> pl.Expr:
+    return pl.col("messages").list.eval(pl.element().struct.field("role"))
+
+
+def _contents() -> pl.Expr:
+    return pl.col("messages").list.eval(pl.element().struct.field("content"))
+
+
+def with_text_columns(df: pl.LazyFrame) -> pl.LazyFrame:
+    """Add ``n_turns``, ``n_chars`` and the dedup key ``norm_text`` (case- and whitespace-folded)."""
+    flat = pl.col("messages").list.eval(pl.element().struct.field("role") + pl.lit(": ") + pl.element().struct.field("content"))
+    return df.with_columns(
+        n_turns=pl.col("messages").list.len(),
+        n_chars=_contents().list.eval(pl.element().str.len_chars()).list.sum(),
+        norm_text=flat.list.join("\n").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars(),
+    )
+
+
+def validation_reason() -> pl.Expr:
+    """First failing validation rule as ``validate_<rule>``, else null."""
+    role_ok = _roles().list.eval(pl.element().is_in(list(ROLES))).list.all()
+    empty = _contents().list.eval(pl.element().str.strip_chars().str.len_chars() == 0).list.any()
+    order = _roles().list.eval(pl.element().replace_strict(_ROLE_CODES, default="x")).list.join("")
+    has_assistant = _roles().list.contains("assistant")
+    return (
+        pl.when(pl.col("messages").list.len() == 0)
+        .then(pl.lit("validate_no_messages"))
+        .when(~role_ok)
+        .then(pl.lit("validate_unknown_role"))
+        .when(empty)
+        .then(pl.lit("validate_empty_turn"))
+        .when(~has_assistant)
+        .then(pl.lit("validate_no_assistant"))
+        .when(~order.str.contains(_TURN_ORDER))
+        .then(pl.lit("validate_bad_turn_order"))
+        .otherwise(None)
+    )
+
+
+def length_reason(cfg: CurateConfig) -> pl.Expr:
+    """First failing length bound as ``length_<rule>``, else null; a bound of None is off."""
+    rules = [
+        (cfg.min_turns, pl.col("n_turns") < (cfg.min_turns or 0), "length_too_few_turns"),
+        (cfg.max_turns, pl.col("n_turns") > (cfg.max_turns or 0), "length_too_many_turns"),
+        (cfg.min_chars, pl.col("n_chars") < (cfg.min_chars or 0), "length_too_short"),
+        (cfg.max_chars, pl.col("n_chars") > (cfg.max_chars or 0), "length_too_long"),
+    ]
+    expr: Any = pl
+    active = [(cond, reason) for bound, cond, reason in rules if bound is not None]
+    if not active:
+        return pl.lit(None, dtype=pl.String)
+    for cond, reason in active:
+        expr = expr.when(cond).then(pl.lit(reason))
+    return expr.otherwise(None)
+
+
+def _mark(reason: pl.Expr) -> pl.Expr:
+    """Keep an earlier reason; set this step's reason only on rows still alive."""
+    return pl.coalesce(pl.col("drop_reason"), reason)
+
+
+def curate_frame(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.DataFrame:
+    """Apply validation, length filters, exact dedup and the held-out split to canonical rows.
+
+    Returns every input row with ``drop_reason`` (null = kept) and ``split`` ('train'/'heldout').
+    """
+    lf = df.lazy().with_row_index("_order")
+    lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
+    lf = with_text_columns(lf)
+    lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(length_reason(cfg)).otherwise(pl.col("drop_reason")))
+    if cfg.dedup:
+        alive = pl.col("drop_reason").is_null()
+        # Rank duplicates among surviving rows only, in a stable (source, row) order, so the first copy wins.
+        first = pl.col("_order") == pl.col("_order").filter(alive).min().over("norm_text")
+        lf = lf.with_columns(drop_reason=pl.when(alive & ~first).then(pl.lit("dedup_exact")).otherwise(pl.col("drop_reason")))
+    threshold = int(cfg.heldout_fraction * 10_000)
+    # Split by content hash, seeded: fixed whatever the mix, so held-out items never move into training.
+    lf = lf.with_columns(
+        split=pl.when((pl.col("norm_text").hash(seed=seed) % 10_000) < threshold).then(pl.lit("heldout")).otherwise(pl.lit("train"))
+    )
+    return lf.sort("_order").drop("_order").collect()
+
+
+def mix_train(kept: pl.DataFrame, sources: list[SourceConfig], seed: int) -> pl.DataFrame:
+    """Resample the train split per source by weight: floor(w) full copies plus a seeded sample of the rest."""
+    parts = []
+    for i, s in enumerate(sources):
+        rows = kept.filter(pl.col("source") == s.name)
+        whole, frac = int(s.weight), s.weight - int(s.weight)
+        chunks = [rows] * whole
+        n_extra = round(rows.height * frac)
+        if n_extra:
+            chunks.append(rows.sample(n=n_extra, seed=seed + i, shuffle=False))
+        if chunks:
+            parts.append(pl.concat(chunks))
+    if not parts:
+        return kept.clear()
+    return pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
+
+
+def curation_stats(curated: pl.DataFrame, mixed: pl.DataFrame) -> dict[str, Any]:
+    """Counts per source and per drop reason; the balance rows_in = kept + dropped always holds."""
+    by_reason = (
+        curated.filter(pl.col("drop_reason").is_not_null()).group_by("drop_reason").len().sort("drop_reason").rows()
+    )
+    per_source: dict[str, Any] = {}
+    for (name,), grp in curated.group_by(["source"], maintain_order=True):
+        dropped = grp.filter(pl.col("drop_reason").is_not_null())
+        kept = grp.filter(pl.col("drop_reason").is_null())
+        per_source[str(name)] = {
+            "rows_in": grp.height,
+            "rows_kept": kept.height,
+            "rows_dropped": dropped.height,
+            "kept_train": kept.filter(pl.col("split") == "train").height,
+            "kept_heldout": kept.filter(pl.col("split") == "heldout").height,
+            "dropped_by_reason": dict(dropped.group_by("drop_reason").len().sort("drop_reason").rows()),
+            "mixed_train_rows": mixed.filter(pl.col("source") == name).height,
+        }
+    kept_all = curated.filter(pl.col("drop_reason").is_null())
+    stats = {
+        "rows_in": curated.height,
+        "rows_kept": kept_all.height,
+        "rows_dropped": curated.height - kept_all.height,
+        "dropped_by_reason": dict(by_reason),
+        "rows_train": kept_all.filter(pl.col("split") == "train").height,
+        "rows_heldout": kept_all.filter(pl.col("split") == "heldout").height,
+        "rows_train_mixed": mixed.height,
+        "per_source": per_source,
+    }
+    assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped_by_reason"].values()), "curation counts do not balance"
+    return stats
+
+
+CANONICAL_COLUMNS = ["source", "row", "messages"]
+
+
+def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """Run curation end to end. Returns (train, heldout, rejected, stats)."""
+    frames = [read_source(s, seed) for s in cfg.sources]
+    curated = curate_frame(pl.concat(frames), cfg, seed)
+    kept = curated.filter(pl.col("drop_reason").is_null())
+    train = mix_train(kept.filter(pl.col("split") == "train"), cfg.sources, seed)
+    heldout = kept.filter(pl.col("split") == "heldout")
+    rejected = curated.filter(pl.col("drop_reason").is_not_null()).select(["source", "row", "drop_reason", "raw", "messages"])
+    stats = curation_stats(curated, train)
+    return train.select(CANONICAL_COLUMNS), heldout.select(CANONICAL_COLUMNS), rejected, stats

@@ -1,0 +1,193 @@
+"""The four stages as plain functions: inputs and config in, a finished output folder out.
+
+Each stage's folder is ``<work_dir>/<stage>/<key>`` where ``key`` digests everything the output
+depends on (input contents, the stage config, the tokenizer or model). A stage whose folder is
+complete is not run again; a stage killed midway leaves no complete-looking folder (see ``io``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sft_engine import plots
+from sft_engine.config import PipelineConfig, config_to_dict
+from sft_engine import __version__
+from sft_engine.curate import curate, source_files
+from sft_engine.data import prepare_split
+from sft_engine.evaluate import generate_samples, heldout_loss
+from sft_engine.io import atomic_dir, digest_file, digest_json, is_complete, read_json, stage_dir, write_json_atomic
+from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A finished stage folder, and whether it was reused from an earlier run rather than computed."""
+
+    path: Path
+    reused: bool
+
+
+# ---- keys -------------------------------------------------------------------------------------
+
+
+def _source_digest(cfg: PipelineConfig) -> list[Any]:
+    """Content identity of every source: file digests, or the generator's package version."""
+    out: list[Any] = []
+    for s in cfg.curate.sources:
+        if s.builtin == "chitchat":
+            out.append([s.name, s.builtin, importlib.metadata.version("chitchat-dataset")])
+        elif s.builtin is not None:
+            out.append([s.name, s.builtin, __version__])
+        else:
+            out.append([s.name, [[str(p), digest_file(p)] for p in source_files(s)]])
+    return out
+
+
+def curate_key(cfg: PipelineConfig) -> str:
+    return digest_json({"curate": config_to_dict(cfg.curate), "seed": cfg.seed, "sources": _source_digest(cfg)})
+
+
+def _folder_digest(folder: Path, names: list[str]) -> str:
+    return digest_json([[n, digest_file(folder / n)] for n in names])
+
+
+def prepare_key(cfg: PipelineConfig, curated: Path, model_dir: Path) -> str:
+    return digest_json({
+        "data": _folder_digest(curated, ["train.parquet", "heldout.parquet"]),
+        "prepare": config_to_dict(cfg.prepare),
+        "tokenizer": tokenizer_digest(model_dir),
+    })
+
+
+def train_key(cfg: PipelineConfig, prepared: Path, model_dir: Path) -> str:
+    return digest_json({
+        "data": read_json(prepared / "manifest.json")["digest"],
+        "train": config_to_dict(cfg.train),
+        "seed": cfg.seed,
+        "model": weights_digest(model_dir),
+    })
+
+
+def evaluate_key(cfg: PipelineConfig, prepared: Path, model_dir: Path, curated: Path) -> str:
+    return digest_json({
+        "data": read_json(prepared / "manifest.json")["digest"],
+        "heldout": digest_file(curated / "heldout.parquet"),
+        "evaluate": config_to_dict(cfg.evaluate),
+        "model": weights_digest(model_dir),
+    })
+
+
+# ---- stages -----------------------------------------------------------------------------------
+
+
+def run_curate(cfg: PipelineConfig) -> StageOutput:
+    """Curate the configured sources into train/heldout/rejected Parquet files plus stats."""
+    out = stage_dir(cfg.work_dir, "curate", curate_key(cfg))
+    if is_complete(out):
+        return StageOutput(out, reused=True)
+    train, heldout, rejected, stats = curate(cfg.curate, cfg.seed)
+    with atomic_dir(out) as tmp:
+        train.write_parquet(tmp / "train.parquet")
+        heldout.write_parquet(tmp / "heldout.parquet")
+        rejected.write_parquet(tmp / "rejected.parquet")
+        write_json_atomic(tmp / "stats.json", stats)
+        write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
+        chars = train.select(pl.col("messages").list.eval(pl.element().struct.field("content").str.len_chars()).list.sum())
+        plots.histogram(chars.to_series().to_list(), tmp / "train_chars.png", "Curated train conversations", "characters")
+        plots.bar_counts(stats["dropped_by_reason"], tmp / "drop_reasons.png", "Rows dropped by reason")
+    return StageOutput(out, reused=False)
+
+
+def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], None] | None = None) -> StageOutput:
+    """Tokenize with loss masks and pack train and held-out splits into Arrow files with a manifest."""
+    model_dir = resolve_model(cfg.model)
+    out = stage_dir(cfg.work_dir, "prepare", prepare_key(cfg, curated, model_dir))
+    if is_complete(out):
+        return StageOutput(out, reused=True)
+    tokenizer = load_tokenizer(model_dir)
+    manifest: dict[str, Any] = {"max_seq_len": cfg.prepare.max_seq_len, "splits": {}}
+    with atomic_dir(out) as tmp:
+        lengths: list[int] = []
+        for split in ("train", "heldout"):
+            df = pl.read_parquet(curated / f"{split}.parquet")
+            st, lens = prepare_split(df, tokenizer, cfg.prepare, tmp / f"{split}.arrow", progress)
+            manifest["splits"][split] = st.as_dict()
+            if split == "train":
+                lengths = lens
+        manifest["digest"] = digest_json({
+            "files": _folder_digest(tmp, ["train.arrow", "heldout.arrow"]),
+            "tokenizer": tokenizer_digest(model_dir),
+            "prepare": config_to_dict(cfg.prepare),
+        })
+        write_json_atomic(tmp / "manifest.json", manifest)
+        write_json_atomic(tmp / "config.json", config_to_dict(cfg.prepare))
+        plots.histogram(lengths, tmp / "train_tokens.png", "Train sample lengths", "tokens")
+    return StageOutput(out, reused=False)
+
+
+def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None = None) -> StageOutput:
+    """Fine-tune with DeepSpeed; the output folder holds ``model/`` (a Hugging Face folder) and stats."""
+    from sft_engine.train import deepspeed_config, train
+
+    model_dir = resolve_model(cfg.model)
+    out = stage_dir(cfg.work_dir, "train", train_key(cfg, prepared, model_dir))
+    if is_complete(out):
+        return StageOutput(out, reused=True)
+    with atomic_dir(out) as tmp:
+        result = train(model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step)
+        write_json_atomic(tmp / "stats.json", {
+            "steps": result.steps,
+            "final_loss": result.losses[-1],
+            "first_loss": result.losses[0],
+            "tokens": result.tokens,
+            "supervised_tokens": result.supervised_tokens,
+            "seconds": result.seconds,
+            "tokens_per_s": result.tokens / result.seconds,
+            "history": result.history,
+        })
+        write_json_atomic(tmp / "config.json", config_to_dict(cfg.train))
+        write_json_atomic(tmp / "deepspeed_config.json", deepspeed_config(cfg.train, 1))
+        xs = [h["step"] for h in result.history]
+        plots.curves({"train loss": (xs, result.losses)}, tmp / "loss.png", "Training loss", "loss per supervised token")
+    return StageOutput(out, reused=False)
+
+
+def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: Path) -> StageOutput:
+    """Held-out loss of the tuned model (and the base model, on the same split) plus generations."""
+    base_dir = resolve_model(cfg.model)
+    out = stage_dir(cfg.work_dir, "evaluate", evaluate_key(cfg, prepared, tuned_dir, curated))
+    if is_complete(out):
+        return StageOutput(out, reused=True)
+    heldout = pl.read_parquet(curated / "heldout.parquet")
+    # Prompts taken round-robin over sources, so every source shows up in the generation sample.
+    n_sources = max(1, heldout["source"].n_unique())
+    prompts = heldout.group_by("source", maintain_order=True).head(-(-cfg.evaluate.generate_samples // n_sources))
+    metrics: dict[str, Any] = {}
+    samples: dict[str, Any] = {}
+    models = {"tuned": tuned_dir, **({"base": base_dir} if cfg.evaluate.compare_base else {})}
+    for name, folder in models.items():
+        model = load_model(folder)
+        tokenizer = load_tokenizer(folder)
+        metrics[name] = heldout_loss(model, prepared / "heldout.arrow", cfg.evaluate.micro_batch_size, cfg.evaluate.max_heldout_rows)
+        gens = generate_samples(model, tokenizer, prompts, cfg.evaluate.generate_samples, cfg.evaluate.max_new_tokens)
+        samples[name] = gens
+        scored = [g["exact_answer"] for g in gens if g["exact_answer"] is not None]
+        if scored:
+            metrics[name]["exact_answer"] = sum(scored) / len(scored)
+        del model
+    if "base" in metrics:
+        metrics["delta_loss"] = metrics["tuned"]["loss"] - metrics["base"]["loss"]
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "metrics.json", metrics)
+        (tmp / "samples.json").write_text(json.dumps(samples, indent=2))
+        write_json_atomic(tmp / "config.json", config_to_dict(cfg.evaluate))
+    return StageOutput(out, reused=False)

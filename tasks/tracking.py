@@ -1,0 +1,111 @@
+"""MLflow helpers for tasks: one parent run per pipeline run, one nested run per stage.
+
+Runs are driven through ``MlflowClient`` with explicit run ids rather than MLflow's thread-local
+"active run", because Prefect may execute tasks on worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from sft_engine.config import PipelineConfig, config_to_dict, flatten
+
+# MLflow rejects param values longer than this.
+_MAX_PARAM = 6000
+
+
+def client_for(cfg: PipelineConfig) -> tuple[MlflowClient, str]:
+    """A client on the configured store and the experiment id (created with a local artifact folder)."""
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    uri = cfg.resolved_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return client, exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (cfg.work_dir / "mlartifacts").resolve().as_uri()
+    try:
+        return client, client.create_experiment(cfg.experiment, artifact_location=location)
+    except Exception:
+        # Another run created it between our lookup and create.
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            raise
+        return client, exp.experiment_id
+
+
+def git_commit() -> str:
+    """The code's git commit, or 'unknown' outside a checkout."""
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(
+    cfg: PipelineConfig, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+) -> tuple[MlflowClient, str]:
+    """Create a run (nested under ``parent_run_id`` when given) and return (client, run_id)."""
+    client, exp_id = client_for(cfg)
+    all_tags = {"mlflow.runName": name, "sft.stage": name, "git_commit": git_commit(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            all_tags["prefect.flow_run_id"] = str(flow_run.id)
+            all_tags["prefect.flow_run_name"] = str(flow_run.name)
+    except Exception:  # outside a Prefect run the runtime has no ids
+        pass
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    return client, run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_config(client: MlflowClient, run_id: str, cfg: PipelineConfig) -> None:
+    log_params(client, run_id, config_to_dict(cfg))
+    client.log_dict(run_id, config_to_dict(cfg), "resolved_config.json")
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def log_files(client: MlflowClient, run_id: str, folder: Path, suffixes: tuple[str, ...] = (".json", ".png")) -> None:
+    """Log the small report files of a stage folder (not its data shards or weights)."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in suffixes:
+            client.log_artifact(run_id, str(path))
+
+
+def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def ui_hint(cfg: PipelineConfig) -> str:
+    """The command that opens the MLflow UI on this store."""
+    return f"mlflow ui --backend-store-uri {cfg.resolved_tracking_uri()} --host 127.0.0.1"

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sft_engine.config import CurateConfig
+from sft_engine.curate import SourceError, curate, normalize_row, read_source
+
+
+def _msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+def test_normalize_messages_and_alpaca_to_one_schema() -> None:
+    assert normalize_row({"messages": [{"role": "User", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) == (
+        _msgs(("user", "hi"), ("assistant", "yo")),
+        None,
+    )
+    assert normalize_row({"instruction": "Add.", "input": "1 and 2", "output": "3"}) == (
+        _msgs(("user", "Add.\n\n1 and 2"), ("assistant", "3")),
+        None,
+    )
+    assert normalize_row({"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be brief."}) == (
+        _msgs(("system", "Be brief."), ("user", "Say hi."), ("assistant", "hi")),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"messages": [{"role": "user"}]}, "normalize_missing_field"),
+        ({"messages": [{"role": "user", "content": 5}]}, "normalize_bad_type"),
+        ({"messages": "hello"}, "normalize_bad_type"),
+        ({"instruction": "x"}, "normalize_missing_field"),
+        ({"text": "plain"}, "normalize_unknown_shape"),
+        ([1, 2], "normalize_not_an_object"),
+    ],
+)
+def test_normalize_reasons(row: object, reason: str) -> None:
+    assert normalize_row(row) == (None, reason)
+
+
+def _write_jsonl(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def adversarial_source(tmp_path: Path) -> Path:
+    ok = lambda *p: json.dumps({"messages": _msgs(*p)}).encode()  # noqa: E731
+    lines = [
+        ok(("user", "What is 2+2?"), ("assistant", "4")),  # 1 kept
+        b'{"messages": [ {"role": "user", "content": "trunc',  # 2 bad json
+        b"\xff\xfe not utf8",  # 3 bad utf-8
+        ok(("user", "hi"), ("wizard", "boo")),  # 4 unknown role
+        ok(("user", "   "), ("assistant", "x")),  # 5 empty turn
+        ok(("assistant", "first"), ("user", "then")),  # 6 bad order (no user first)
+        ok(("user", "only a question")),  # 7 no assistant
+        ok(("user", "WHAT is 2+2?"), ("assistant", "4")),  # 8 exact dup of 1 after case folding
+        ok(("user", "what   is 2+2?"), ("assistant", " 4")),  # 9 dup of 1 after whitespace folding
+        ok(("user", "x" * 300), ("assistant", "long")),  # 10 too long (max_chars=200)
+        json.dumps({"instruction": "Name a color.", "output": "Blue."}).encode(),  # 11 kept (alpaca in same file)
+        b'{"prompt": "no known shape"}',  # 12 unknown shape
+        ok(("system", "s"), ("user", "u"), ("assistant", "a"), ("user", "u2"), ("assistant", "a2")),  # 13 kept
+    ]
+    return _write_jsonl(tmp_path / "adv.jsonl", lines)
+
+
+def test_adversarial_rows_get_exact_reasons_and_counts_balance(tmp_path: Path) -> None:
+    src = adversarial_source(tmp_path)
+    cfg = CurateConfig(sources=[{"name": "adv", "path": str(src)}], max_chars=200, min_chars=1, heldout_fraction=0.0)
+    train, heldout, rejected, stats = curate(cfg)
+    reasons = dict(zip(rejected["row"].to_list(), rejected["drop_reason"].to_list(), strict=True))
+    assert reasons == {
+        2: "read_bad_json",
+        3: "read_bad_utf8",
+        4: "validate_unknown_role",
+        5: "validate_empty_turn",
+        6: "validate_bad_turn_order",
+        7: "validate_no_assistant",
+        8: "dedup_exact",
+        9: "dedup_exact",
+        10: "length_too_long",
+        12: "normalize_unknown_shape",
+    }
+    assert sorted(train["row"].to_list()) == [1, 11, 13]
+    assert heldout.height == 0
+    assert stats["rows_in"] == 13
+    assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped_by_reason"].values())
+    assert stats["per_source"]["adv"]["rows_kept"] == 3
+    # The raw text of an unparseable row is kept for inspection.
+    assert rejected.filter(pl.col("row") == 2)["raw"].item().startswith('{"messages"')
+
+
+def test_dedup_keeps_first_in_stable_order_across_sources(tmp_path: Path) -> None:
+    a = tmp_path / "a.jsonl"
+    b = tmp_path / "b.jsonl.gz"
+    row = json.dumps({"messages": _msgs(("user", "Hello"), ("assistant", "Hi!"))})
+    a.write_text(row + "\n")
+    with gzip.open(b, "wt") as f:
+        f.write(row.replace("Hello", "HELLO") + "\n")
+    cfg = CurateConfig(sources=[{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}], heldout_fraction=0.0, min_chars=None)
+    train, _, rejected, stats = curate(cfg)
+    assert train["source"].to_list() == ["a"]
+    assert rejected.select("source", "drop_reason").rows() == [("b", "dedup_exact")]
+    assert stats["per_source"]["b"]["dropped_by_reason"] == {"dedup_exact": 1}
+
+
+def test_parquet_and_json_array_sources(tmp_path: Path) -> None:
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}!"} for i in range(5)]
+    pl.DataFrame(rows).write_parquet(tmp_path / "x.parquet")
+    (tmp_path / "y.json").write_text(json.dumps(rows[:2]))
+    pq = read_source(CurateConfig(sources=[{"name": "p", "path": str(tmp_path / "x.parquet")}]).sources[0])
+    js = read_source(CurateConfig(sources=[{"name": "j", "path": str(tmp_path / "y.json")}]).sources[0])
+    assert pq.height == 5 and pq["drop_reason"].null_count() == 5
+    assert js["messages"].to_list()[1] == _msgs(("user", "Say 1."), ("assistant", "1!"))
+
+
+def test_unreadable_source_names_the_file(tmp_path: Path) -> None:
+    missing = CurateConfig(sources=[{"name": "m", "path": str(tmp_path / "nope*.jsonl")}]).sources[0]
+    with pytest.raises(SourceError, match="nope\\*.jsonl' matches no file"):
+        read_source(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SourceError, match="bad.json' is not a JSON array"):
+        read_source(CurateConfig(sources=[{"name": "b", "path": str(bad)}]).sources[0])
+
+
+def test_heldout_split_is_by_content_and_independent_of_mix(tmp_path: Path) -> None:
+    rows = [json.dumps({"messages": _msgs(("user", f"q{i}"), ("assistant", f"a{i}"))}) for i in range(400)]
+    src = tmp_path / "s.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    other = tmp_path / "o.jsonl"
+    other.write_text("\n".join(rows[:50]).replace("q", "other q") + "\n")
+    one = CurateConfig(sources=[{"name": "s", "path": str(src)}], heldout_fraction=0.1, min_chars=None)
+    two = CurateConfig(
+        sources=[{"name": "s", "path": str(src), "weight": 2.0}, {"name": "o", "path": str(other), "weight": 0.5}],
+        heldout_fraction=0.1, min_chars=None,
+    )
+    _, h1, _, _ = curate(one, seed=3)
+    train2, h2, _, stats2 = curate(two, seed=3)
+    assert 10 < h1.height < 80
+    assert h1["row"].to_list() == h2.filter(pl.col("source") == "s")["row"].to_list()
+    # Weight 2.0 repeats every kept train row twice; 0.5 keeps half (rounded).
+    kept_s = stats2["per_source"]["s"]["kept_train"]
+    assert stats2["per_source"]["s"]["mixed_train_rows"] == 2 * kept_s
+    assert stats2["per_source"]["o"]["mixed_train_rows"] == round(stats2["per_source"]["o"]["kept_train"] * 0.5)
+    assert train2.height == stats2["rows_train_mixed"]

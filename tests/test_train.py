@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_engine import stages
+from sft_engine.config import TrainConfig, load_config
+from sft_engine.train import deepspeed_config, lr_factor, total_steps, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("train_work")
+    cfg = load_config(None, [
+        f"work_dir={work}", f"model={tiny_model}", "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 120}]",
+        "prepare.max_seq_len=128", "curate.heldout_fraction=0.0",
+    ])
+    curated = stages.run_curate(cfg).path
+    return stages.run_prepare(cfg, curated).path / "train.arrow"
+
+
+def test_deepspeed_config_is_derived_from_train_config() -> None:
+    cfg = TrainConfig(zero_stage=3, micro_batch_size=2, grad_accum=3, grad_clip=0.5, precision="bf16")
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 2 * 3 * 4
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True}
+
+
+def test_schedule_warmup_then_cosine_to_floor() -> None:
+    assert [round(lr_factor(s, 2, 10, 0.1), 4) for s in (0, 1, 2, 10)] == [0.3333, 0.6667, 1.0, 0.1]
+    assert total_steps(TrainConfig(grad_accum=2, micro_batch_size=2, epochs=1.0), n_rows=9, world_size=1) == 3
+    assert total_steps(TrainConfig(max_steps=5), n_rows=9, world_size=1) == 5
+
+
+def test_two_step_deepspeed_run_decreases_loss_and_saves_loadable_model(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = TrainConfig(zero_stage=2, max_steps=2, grad_accum=2, micro_batch_size=2, lr=5e-3, warmup_steps=0)
+    result = train(tiny_model, packed, tmp_path / "model", cfg, seed=0, show_progress=False)
+    assert result.steps == 2
+    assert result.losses[1] < result.losses[0]
+    assert result.supervised_tokens > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert tok.chat_template
+    enc = tok.apply_chat_template([{"role": "user", "content": "compute the result."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == enc["input_ids"].shape[1] + 5 or int(gen[0, -1]) == tok.eos_token_id
+    before = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(before.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_grad_accum_step_equals_one_big_batch_step(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
+    """Loss per token over the whole window: 4 micro-batches of 1 row == 1 micro-batch of 4 rows."""
+    from transformers import AutoModelForCausalLM
+
+    common = {"zero_stage": 1, "max_steps": 1, "lr": 1e-3, "warmup_steps": 0, "grad_clip": None}
+    acc = train(tiny_model, packed, tmp_path / "acc", TrainConfig(micro_batch_size=1, grad_accum=4, **common), seed=1, show_progress=False)
+    big = train(tiny_model, packed, tmp_path / "big", TrainConfig(micro_batch_size=4, grad_accum=1, **common), seed=1, show_progress=False)
+    assert acc.losses[0] == pytest.approx(big.losses[0], abs=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "acc").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "big").state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_zero3_exports_full_weights(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    train(tiny_model, packed, tmp_path / "z3", TrainConfig(zero_stage=3, max_steps=1, grad_accum=1), seed=0, show_progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "z3").state_dict()
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ref.items()}
