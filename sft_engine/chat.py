@@ -117,6 +117,133 @@ def labels_from_offsets(input_ids: np.ndarray, offsets: np.ndarray, spans: list[
     return labels
 
 
+# Private-use code points: no template rewrites them and no real text contains them.
+_MARK = "\ue000{}\ue001"
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    """A template rendered with placeholder contents: literal pieces around each message's content,
+    and the supervised spans expressed as (piece index, offset) so they map onto any conversation
+    with the same roles."""
+
+    literals: list[str]
+    spans: list[tuple[tuple[int, int], tuple[int, int]]]
+
+
+def _locate(pos: int, bounds: list[tuple[int, int]]) -> tuple[int, int]:
+    """Express a position of the placeholder render as (element, offset): element 2i is literal i,
+    element 2i+1 is content i (offset 0 = its start, -1 = its end)."""
+    for i, (a, b) in enumerate(bounds):
+        if pos < a:
+            prev_end = bounds[i - 1][1] if i else 0
+            return 2 * i, pos - prev_end
+        if pos == a:
+            return 2 * i + 1, 0
+        if pos == b:
+            return 2 * i + 1, -1
+        if a < pos < b:
+            raise TemplateError("a span boundary falls inside a message's content")
+    return 2 * len(bounds), pos - (bounds[-1][1] if bounds else 0)
+
+
+def _skeleton(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], strategy: MaskStrategy) -> _Skeleton | None:
+    """Render placeholders once per role structure; None if the template does not keep contents verbatim."""
+    placeholders = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+    try:
+        rendered = render_with_spans(tokenizer, placeholders, strategy)
+    except TemplateError:
+        return None
+    text = rendered.text
+    bounds = []
+    for i in range(len(messages)):
+        mark = _MARK.format(i)
+        at = text.find(mark)
+        if at < 0 or text.find(mark, at + 1) >= 0:
+            return None
+        bounds.append((at, at + len(mark)))
+    if bounds != sorted(bounds):
+        return None
+    literals = [text[(bounds[i - 1][1] if i else 0) : (bounds[i][0] if i < len(bounds) else len(text))] for i in range(len(bounds) + 1)]
+    try:
+        spans = [(_locate(a, bounds), _locate(b, bounds)) for a, b in rendered.spans]
+    except TemplateError:
+        return None
+    return _Skeleton(literals, spans)
+
+
+def _fill(skel: _Skeleton, contents: list[str], text: str) -> list[tuple[int, int]] | None:
+    """Char spans for a conversation rendered as ``text``, or None if it is not the filled skeleton."""
+    starts, pos = [], 0
+    for i, lit in enumerate(skel.literals):
+        starts.append(pos)
+        pos += len(lit)
+        if i < len(contents):
+            starts.append(pos)
+            pos += len(contents[i])
+    pieces = [x for pair in zip(skel.literals, contents + [""], strict=True) for x in pair][:-1]
+    if pos != len(text) or "".join(pieces) != text:
+        return None
+
+    def at(loc: tuple[int, int]) -> int:
+        elem, off = loc
+        if elem % 2 == 1 and off == -1:
+            return starts[elem] + len(contents[elem // 2])
+        return starts[elem] + off
+
+    return [(at(a), _strip_right(text, at(a), at(b))) for a, b in skel.spans]
+
+
+def render_batch(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]], strategy: MaskStrategy
+) -> list[Rendered | None]:
+    """Render many conversations in one call and find their supervised spans.
+
+    Spans are derived once per role structure from a placeholder render and mapped onto each
+    conversation; the mapping is used only when the filled placeholder render equals the real
+    render character for character, otherwise the conversation's own prefixes are diffed. Returns
+    None for a conversation the template cannot mask.
+    """
+    clean = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in conversations]
+    texts, _ = _render(tokenizer, clean) if clean else ([], [])
+    cache: dict[tuple[Any, ...], _Skeleton | None] = {}
+    out: list[Rendered | None] = []
+    for msgs, text in zip(conversations, texts, strict=True):
+        if strategy is MaskStrategy.EVERYTHING:
+            out.append(Rendered(text, [(0, len(text))]))
+            continue
+        key = (tuple(m["role"] for m in msgs), tuple(_select(msgs, strategy)))
+        if key not in cache:
+            cache[key] = _skeleton(tokenizer, msgs, strategy)
+        skel = cache[key]
+        spans = _fill(skel, [m["content"] for m in msgs], text) if skel is not None else None
+        if spans is not None:
+            out.append(Rendered(text, spans))
+            continue
+        try:
+            out.append(render_with_spans(tokenizer, msgs, strategy))
+        except TemplateError:
+            out.append(None)
+    return out
+
+
+def labels_from_encoding(encoding: Any, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Labels from span boundaries alone (no per-token offsets): a token trains if its first char is in a span."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    for a, b in spans:
+        if b <= a:
+            continue
+        first = encoding.char_to_token(a)
+        last = encoding.char_to_token(b - 1)
+        if first is None or last is None:
+            raise TemplateError("span boundary not covered by a token")
+        if encoding.token_to_chars(first)[0] < a:
+            first += 1
+        labels[first : last + 1] = ids[first : last + 1]
+    labels[:1] = IGNORE_INDEX
+    return labels
+
+
 @dataclass
 class Tokenized:
     """Tokenized conversations; ``drop_reason[i]`` is set where row i cannot be trained on."""
@@ -131,27 +258,26 @@ def tokenize_conversations(
     conversations: list[list[dict[str, Any]]],
     strategy: MaskStrategy = MaskStrategy.ALL_ASSISTANT,
 ) -> Tokenized:
-    """Render, tokenize in one fast-tokenizer batch call, and build labels for each conversation.
+    """Render, tokenize in one fast-tokenizer batch call (all cores), and build labels for each conversation.
 
     A conversation that the template cannot mask, or whose labels are all ignored, gets a
     ``mask_*`` drop reason instead of being trained on silently.
     """
-    rendered: list[Rendered | None] = []
-    reasons: list[str | None] = []
-    for msgs in conversations:
-        try:
-            rendered.append(render_with_spans(tokenizer, msgs, strategy))
-            reasons.append(None)
-        except TemplateError:
-            rendered.append(None)
-            reasons.append("mask_template_not_prefix_stable")
+    rendered = render_batch(tokenizer, conversations, strategy)
+    reasons: list[str | None] = [None if r is not None else "mask_template_not_prefix_stable" for r in rendered]
     texts = [r.text if r is not None else "" for r in rendered]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     ids_out, labels_out = [], []
-    for i, r in enumerate(rendered):
-        ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
-        labels = labels_from_offsets(ids, offsets, r.spans if r is not None else [])
+    for i, (r, enc) in enumerate(zip(rendered, encodings, strict=True)):
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        if r is None:
+            labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+        else:
+            try:
+                labels = labels_from_encoding(enc, ids, r.spans)
+            except TemplateError:
+                offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+                labels = labels_from_offsets(ids, offsets, r.spans)
         if reasons[i] is None and not (labels != IGNORE_INDEX).any():
             reasons[i] = "mask_no_supervised_tokens"
         ids_out.append(ids)

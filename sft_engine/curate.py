@@ -5,7 +5,7 @@ Canonical schema (one row per conversation)::
 
     source: str      the source's configured name
     row: i64         1-based line / row number in that source
-    messages: list[struct{role: str, content: str}]
+    messages: list[struct{role: str, content: str, train: bool | null}]   (train=false: no loss on that turn)
 
 Every drop reason is ``<step>_<rule>``; rows in = rows kept + rows dropped, per source and overall.
 """
@@ -25,7 +25,7 @@ from sft_engine.config import CurateConfig, SourceConfig
 from sft_engine.constants import ROLES
 from sft_engine.demo_data import builtin_rows
 
-MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
+MESSAGE = pl.Struct({"role": pl.String, "content": pl.String, "train": pl.Boolean})
 SCHEMA = {"source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "drop_reason": pl.String, "raw": pl.String}
 
 # Raw preview kept for rejected rows so a curator can see what was wrong without the 10 MB row itself.
@@ -46,7 +46,10 @@ def _normalize_messages(msgs: Any) -> tuple[list[dict[str, str]] | None, str | N
         role, content = m["role"], m["content"]
         if not isinstance(role, str) or not isinstance(content, str):
             return None, "normalize_bad_type"
-        out.append({"role": role.strip().lower(), "content": content})
+        msg = {"role": role.strip().lower(), "content": content}
+        if isinstance(m.get("train"), bool):
+            msg["train"] = m["train"]
+        out.append(msg)
     return out, None
 
 

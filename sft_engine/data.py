@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -28,36 +28,61 @@ PACKED_SCHEMA = pa.schema(
 )
 
 
-def _messages(df: pl.DataFrame) -> list[list[dict[str, Any]]]:
-    return df["messages"].to_list() if df.height else []
+def iter_conversations(parquet_path: Path, batch_size: int) -> Iterator[list[list[dict[str, Any]]]]:
+    """Stream the ``messages`` column of a curated Parquet file in batches (never the whole file)."""
+    pf = pq.ParquetFile(parquet_path)
+    for batch in pf.iter_batches(batch_size=batch_size, columns=["messages"]):
+        yield batch.column(0).to_pylist()
 
 
-def tokenize_frame(
-    df: pl.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig, progress: Any = None
-) -> tuple[list[np.ndarray], list[np.ndarray], list[str | None]]:
-    """Tokenize a canonical frame in batches; returns ids, labels and per-row drop reasons."""
-    convs = _messages(df)
-    ids: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    """A list<int32> Arrow array built from flat values and offsets (no per-element Python objects)."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+TOKENIZED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+
+
+def tokenize_to_arrow(
+    parquet_path: Path, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig, dest: Path, progress: Any = None
+) -> tuple[np.ndarray, list[str | None]]:
+    """Tokenize a curated split batch by batch into an Arrow file; returns lengths and drop reasons."""
+    lengths: list[np.ndarray] = []
     reasons: list[str | None] = []
-    for start in range(0, len(convs), cfg.tokenize_batch_size):
-        tok = tokenize_conversations(tokenizer, convs[start : start + cfg.tokenize_batch_size], cfg.mask)
-        ids += tok.input_ids
-        labels += tok.labels
-        reasons += tok.drop_reason
-        if progress is not None:
-            progress(len(tok.input_ids))
-    return ids, labels, reasons
+    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, TOKENIZED_SCHEMA) as writer:
+        for convs in iter_conversations(parquet_path, cfg.tokenize_batch_size):
+            tok = tokenize_conversations(tokenizer, convs, cfg.mask)
+            writer.write_batch(
+                pa.record_batch([_list_array(tok.input_ids), _list_array(tok.labels)], schema=TOKENIZED_SCHEMA)
+            )
+            lengths.append(np.fromiter((len(x) for x in tok.input_ids), dtype=np.int64, count=len(tok.input_ids)))
+            reasons += tok.drop_reason
+            if progress is not None:
+                progress(len(convs))
+    return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), reasons
 
 
-def write_packed(path: Path, rows: dict[str, list[np.ndarray]]) -> None:
-    """Write packed rows as one Arrow IPC file."""
-    table = pa.table(
-        {k: pa.array([r.tolist() for r in rows[k]], type=pa.list_(pa.int32())) for k in ("input_ids", "labels", "seq_lens")},
-        schema=PACKED_SCHEMA,
-    )
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, PACKED_SCHEMA) as writer:
-        writer.write_table(table, max_chunksize=4096)
+class _Samples:
+    """Random access to tokenized samples in a memory-mapped Arrow file."""
+
+    def __init__(self, path: Path) -> None:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        self._cols = {}
+        for name in ("input_ids", "labels"):
+            chunks = table.column(name).chunks
+            self._cols[name] = [(np.asarray(c.offsets), np.asarray(c.values)) for c in chunks]
+        sizes = [len(c) for c in table.column("input_ids").chunks]
+        self._chunk_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def get(self, name: str, i: int) -> np.ndarray:
+        c = int(np.searchsorted(self._chunk_start, i, side="right") - 1)
+        offsets, values = self._cols[name][c]
+        j = i - int(self._chunk_start[c])
+        return values[offsets[j] : offsets[j + 1]]
 
 
 @dataclass
@@ -82,13 +107,19 @@ class SplitStats:
 
 
 def prepare_split(
-    df: pl.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig, out: Path, progress: Any = None
-) -> tuple[SplitStats, list[int]]:
-    """Tokenize, mask, pack and write one split; returns its stats and every kept sample's length."""
-    ids, labels, reasons = tokenize_frame(df, tokenizer, cfg, progress)
-    ok = [i for i, r in enumerate(reasons) if r is None]
-    lengths = [len(ids[i]) for i in ok]
-    plan = plan_packing(lengths, cfg.max_seq_len, cfg.overlong)
+    parquet_path: Path, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig, out: Path, progress: Any = None,
+    rows_per_batch: int = 1024,
+) -> tuple[SplitStats, np.ndarray]:
+    """Tokenize, mask, pack and write one split with memory bounded by a batch, not by the data.
+
+    Pass 1 streams conversations into a temporary tokenized Arrow file and keeps only lengths;
+    best-fit decreasing plans bins from lengths alone; pass 2 assembles packed rows from the
+    memory-mapped tokens and appends them to ``out``. Returns the stats and kept sample lengths.
+    """
+    tmp = out.with_name(out.name + ".tokens.arrow")
+    lengths, reasons = tokenize_to_arrow(parquet_path, tokenizer, cfg, tmp, progress)
+    ok = np.asarray([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
+    plan = plan_packing(lengths[ok].tolist(), cfg.max_seq_len, cfg.overlong)
     dropped: dict[str, int] = {}
     for r in reasons:
         if r is not None:
@@ -96,23 +127,34 @@ def prepare_split(
     if plan.dropped:
         dropped["pack_too_long"] = len(plan.dropped)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bins = [[ok[j] for j in b] for b in plan.bins]
-    rows = pack_rows(ids, labels, bins, cfg.max_seq_len, int(pad_id))
-    write_packed(out, rows)
-    n_real = sum(min(len(ids[i]), cfg.max_seq_len) for b in bins for i in b)
-    supervised = int(sum(int((lab != IGNORE_INDEX).sum()) for lab in rows["labels"]))
+    samples = _Samples(tmp)
+    tokens = supervised = 0
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, PACKED_SCHEMA) as writer:
+        for start in range(0, len(plan.bins), rows_per_batch):
+            bins = [[int(ok[j]) for j in b] for b in plan.bins[start : start + rows_per_batch]]
+            needed = sorted({i for b in bins for i in b})
+            local = {i: k for k, i in enumerate(needed)}
+            rows = pack_rows(
+                [samples.get("input_ids", i) for i in needed], [samples.get("labels", i) for i in needed],
+                [[local[i] for i in b] for b in bins], cfg.max_seq_len, int(pad_id),
+            )
+            tokens += sum(min(int(lengths[i]), cfg.max_seq_len) for b in bins for i in b)
+            supervised += int(sum(int((lab != IGNORE_INDEX).sum()) for lab in rows["labels"]))
+            writer.write_batch(pa.record_batch([_list_array(rows[k]) for k in ("input_ids", "labels", "seq_lens")], schema=PACKED_SCHEMA))
+    del samples
+    tmp.unlink()
     stats = SplitStats(
-        rows_in=df.height,
-        rows_packed=len(bins),
-        samples_packed=sum(len(b) for b in bins),
+        rows_in=len(reasons),
+        rows_packed=len(plan.bins),
+        samples_packed=sum(len(b) for b in plan.bins),
         dropped_by_reason=dropped,
         truncated=len(plan.truncated),
-        tokens=n_real,
+        tokens=tokens,
         supervised_tokens=supervised,
-        slots=len(bins) * cfg.max_seq_len,
+        slots=len(plan.bins) * cfg.max_seq_len,
     )
     assert stats.rows_in == stats.samples_packed + sum(dropped.values()), "preparation counts do not balance"
-    return stats, lengths
+    return stats, lengths[ok]
 
 
 class PackedDataset:

@@ -116,13 +116,12 @@ def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], No
     tokenizer = load_tokenizer(model_dir)
     manifest: dict[str, Any] = {"max_seq_len": cfg.prepare.max_seq_len, "splits": {}}
     with atomic_dir(out) as tmp:
-        lengths: list[int] = []
+        lengths: Any = []
         for split in ("train", "heldout"):
-            df = pl.read_parquet(curated / f"{split}.parquet")
-            st, lens = prepare_split(df, tokenizer, cfg.prepare, tmp / f"{split}.arrow", progress)
+            st, lens = prepare_split(curated / f"{split}.parquet", tokenizer, cfg.prepare, tmp / f"{split}.arrow", progress)
             manifest["splits"][split] = st.as_dict()
             if split == "train":
-                lengths = lens
+                lengths = lens.tolist()
         manifest["digest"] = digest_json({
             "files": _folder_digest(tmp, ["train.arrow", "heldout.arrow"]),
             "tokenizer": tokenizer_digest(model_dir),

@@ -90,3 +90,24 @@ def test_template_that_rewrites_history_is_dropped_not_guessed(tiny_model) -> No
     tok.chat_template = "{{ messages | length }}" + CHATML
     out = tokenize_conversations(tok, [MULTI])
     assert out.drop_reason == ["mask_template_not_prefix_stable"]
+
+
+def test_skeleton_fast_path_matches_prefix_diffing_on_real_chats(smollm2_tokenizer) -> None:
+    from sft_engine.chat import labels_from_offsets, render_batch
+    from sft_engine.demo_data import chitchat_rows, verifiable_task_rows
+    from sft_engine.curate import normalize_row
+
+    convs = [r["messages"] for r in chitchat_rows(limit=150)]
+    convs += [normalize_row(r)[0] for r in verifiable_task_rows(50)]
+    convs.append([{"role": "system", "content": "  padded  "}, *MULTI[1:]])
+    for strategy in (MaskStrategy.ALL_ASSISTANT, MaskStrategy.LAST_ASSISTANT):
+        fast = render_batch(smollm2_tokenizer, convs, strategy)
+        slow = [render_with_spans(smollm2_tokenizer, c, strategy) for c in convs]
+        assert fast == slow
+    out = tokenize_conversations(smollm2_tokenizer, convs)
+    enc = smollm2_tokenizer(
+        [r.text for r in slow], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+    )
+    for i, r in enumerate(render_batch(smollm2_tokenizer, convs, MaskStrategy.ALL_ASSISTANT)):
+        expected = labels_from_offsets(np.asarray(enc["input_ids"][i]), np.asarray(enc["offset_mapping"][i]), r.spans)
+        assert np.array_equal(out.labels[i], expected)

@@ -24,6 +24,10 @@ def test_normalize_messages_and_alpaca_to_one_schema() -> None:
         _msgs(("user", "Add.\n\n1 and 2"), ("assistant", "3")),
         None,
     )
+    assert normalize_row({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False}]}) == (
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False}],
+        None,
+    )
     assert normalize_row({"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be brief."}) == (
         _msgs(("system", "Be brief."), ("user", "Say hi."), ("assistant", "hi")),
         None,
@@ -117,7 +121,7 @@ def test_parquet_and_json_array_sources(tmp_path: Path) -> None:
     pq = read_source(CurateConfig(sources=[{"name": "p", "path": str(tmp_path / "x.parquet")}]).sources[0])
     js = read_source(CurateConfig(sources=[{"name": "j", "path": str(tmp_path / "y.json")}]).sources[0])
     assert pq.height == 5 and pq["drop_reason"].null_count() == 5
-    assert js["messages"].to_list()[1] == _msgs(("user", "Say 1."), ("assistant", "1!"))
+    assert js["messages"].to_list()[1] == [{**m, "train": None} for m in _msgs(("user", "Say 1."), ("assistant", "1!"))]
 
 
 def test_unreadable_source_names_the_file(tmp_path: Path) -> None:
