@@ -53,11 +53,43 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in {**STAGE_HELP, "show-config": "Print the resolved config (YAML + overrides) and exit."}.items():
+    extra = {
+        "show-config": "Print the resolved config (YAML + overrides) and exit.",
+        "preview-mask": "Dry run: curate if needed, then print one rendered training example with the supervised "
+        "tokens highlighted, so you can check the loss mask before a long run.",
+    }
+    for name, help_text in {**STAGE_HELP, **extra}.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", default="conf/demo.yaml", help="pipeline YAML (default: %(default)s)")
+        if name == "preview-mask":
+            p.add_argument("--row", type=int, default=0, help="row of the curated train split to show (default: %(default)s)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5 model=/path")
     return parser
+
+
+def preview_mask(cfg: PipelineConfig, row: int) -> None:
+    """Print one curated conversation as the model sees it, supervised tokens highlighted."""
+    import polars as pl
+    from rich.console import Console
+    from rich.text import Text
+
+    from sft_engine.chat import mask_preview
+    from sft_engine.model import load_tokenizer, resolve_model
+    from sft_engine.stages import run_curate
+
+    curated = pl.read_parquet(run_curate(cfg).path / "train.parquet")
+    if not 0 <= row < curated.height:
+        raise SystemExit(f"sft-pipeline: --row {row} is out of range; the curated train split has {curated.height} rows")
+    messages = curated["messages"][row].to_list()
+    pieces = mask_preview(load_tokenizer(resolve_model(cfg.model)), messages, cfg.prepare.mask)
+    text = Text()
+    for piece, supervised in pieces:
+        text.append(piece, style="bold black on green" if supervised else "dim")
+    n_sup = sum(s for _, s in pieces)
+    console = Console()
+    console.rule(f"row {row} of {curated.height} (source: {curated['source'][row]}), mask={cfg.prepare.mask.value}")
+    console.print(text)
+    console.rule(f"{n_sup} of {len(pieces)} tokens supervised (green); dim = label -100")
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
@@ -100,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    if args.command == "preview-mask":
+        preview_mask(cfg, args.row)
         return 0
     from flows.pipeline import sft_pipeline
 

@@ -283,3 +283,17 @@ def tokenize_conversations(
         ids_out.append(ids)
         labels_out.append(labels)
     return Tokenized(ids_out, labels_out, reasons)
+
+
+def mask_preview(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], strategy: MaskStrategy = MaskStrategy.ALL_ASSISTANT
+) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text piece, supervised) per token, for showing a mask to a person."""
+    out = tokenize_conversations(tokenizer, [messages], strategy)
+    (rendered,) = render_batch(tokenizer, [messages], strategy)
+    text = rendered.text if rendered is not None else ""
+    enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    pieces = []
+    for k, (a, b) in enumerate(enc.offsets):
+        pieces.append((text[a:b], bool(out.labels[0][k] != IGNORE_INDEX)))
+    return pieces

@@ -93,7 +93,17 @@ class TrainConfig(_Strict):
     """DeepSpeed training."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto = bf16 on GPU, fp32 on CPU; fp16 (GPU only) uses dynamic loss scaling."
+    )
+    offload_optimizer: bool = Field(default=False, description="ZeRO-Offload optimizer states to CPU (stage >= 1).")
+    offload_param: bool = Field(default=False, description="ZeRO-Infinity parameter offload to CPU (stage 3 only).")
+    deepspeed_overrides: str | None = Field(
+        default=None, description="Path to a DeepSpeed JSON whose fields override the derived config (merged, then logged)."
+    )
+    loss_norm: Literal["token", "sample"] = Field(
+        default="token", description="token = sum of token losses / supervised tokens of the global batch; sample = mean of per-sample means."
+    )
     micro_batch_size: int = Field(default=1, ge=1, description="Packed rows per forward pass per process.")
     grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(default=1e-4, gt=0, description="Peak learning rate (AdamW).")
@@ -108,6 +118,17 @@ class TrainConfig(_Strict):
         default="sdpa", description="Attention kernel; all respect packed sample boundaries."
     )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = all cores).")
+    checkpoint_every: int | None = Field(default=None, ge=1, description="Save a DeepSpeed checkpoint every N steps (None = off).")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    resume: Literal["auto", "never"] = Field(default="auto", description="auto = continue from the latest complete checkpoint.")
+
+    @model_validator(mode="after")
+    def _offload(self) -> TrainConfig:
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"train.offload_param needs train.zero_stage=3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -24,7 +24,12 @@ from sft_engine.constants import IGNORE_INDEX
 from sft_engine.packing import pack_rows, plan_packing, position_ids_from_lens
 
 PACKED_SCHEMA = pa.schema(
-    [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("seq_lens", pa.list_(pa.int32()))]
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("seq_lens", pa.list_(pa.int32())),
+        ("num_pad", pa.int32()),
+    ]
 )
 
 
@@ -140,7 +145,8 @@ def prepare_split(
             )
             tokens += sum(min(int(lengths[i]), cfg.max_seq_len) for b in bins for i in b)
             supervised += int(sum(int((lab != IGNORE_INDEX).sum()) for lab in rows["labels"]))
-            writer.write_batch(pa.record_batch([_list_array(rows[k]) for k in ("input_ids", "labels", "seq_lens")], schema=PACKED_SCHEMA))
+            columns = [_list_array(rows[k]) for k in ("input_ids", "labels", "seq_lens")]
+            writer.write_batch(pa.record_batch([*columns, pa.array(rows["num_pad"], pa.int32())], schema=PACKED_SCHEMA))
     del samples
     tmp.unlink()
     stats = SplitStats(
@@ -168,21 +174,24 @@ class PackedDataset:
     def __len__(self) -> int:
         return self._table.num_rows
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         row = self._table.slice(i, 1)
-        return {k: np.asarray(row.column(k)[0].values, dtype=np.int64) for k in ("input_ids", "labels", "seq_lens")}
+        out: dict[str, Any] = {k: np.asarray(row.column(k)[0].values, dtype=np.int64) for k in ("input_ids", "labels", "seq_lens")}
+        out["num_pad"] = int(row.column("num_pad")[0].as_py())
+        return out
 
     def supervised_tokens(self, indices: list[int] | None = None) -> int:
         idx = range(len(self)) if indices is None else indices
         return int(sum(int((self[i]["labels"] != IGNORE_INDEX).sum()) for i in idx))
 
 
-def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack packed rows into a batch with position ids that restart per sample."""
     return {
         "input_ids": torch.from_numpy(np.stack([r["input_ids"] for r in rows])),
         "labels": torch.from_numpy(np.stack([r["labels"] for r in rows])),
         "position_ids": torch.from_numpy(np.stack([position_ids_from_lens(r["seq_lens"]) for r in rows])),
+        "real_tokens": torch.tensor(sum(len(r["input_ids"]) - r.get("num_pad", 0) for r in rows)),
     }
 
 
@@ -192,15 +201,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def iter_batches(
-    ds: PackedDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ds: PackedDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1, skip: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches over seeded epochs; each rank takes every ``world_size``-th batch."""
+    """Endless micro-batches over seeded epochs; each rank takes its slice of every global micro-batch.
+
+    The order depends only on (seed, epoch), so the position is fully described by the number of
+    micro-batches consumed: ``skip`` fast-forwards past them without reading rows (exact resume).
+    """
     n = len(ds)
     if n == 0:
         raise ValueError("the packed training data is empty; check the curation and preparation stats")
     global_batch = micro_batch_size * world_size
     epoch, pos = 0, 0
     order = epoch_order(n, seed, epoch)
+    consumed = 0
     while True:
         if pos + global_batch > n:
             epoch, pos = epoch + 1, 0
@@ -209,4 +223,7 @@ def iter_batches(
                 order = np.resize(order, global_batch)
         mine = order[pos + rank * micro_batch_size : pos + (rank + 1) * micro_batch_size]
         pos += global_batch
+        consumed += 1
+        if consumed <= skip:
+            continue
         yield collate([ds[int(i)] for i in mine])

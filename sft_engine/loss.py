@@ -24,3 +24,32 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over packed samples of each sample's mean token loss, and the number of samples with a loss.
+
+    Samples are the segments where ``position_ids`` restarts at 0. For per-sample averaging the
+    caller divides by the sample count of the whole global batch.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    tok = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    # The target at t+1 belongs to the segment of position t+1.
+    segment = (position_ids == 0).cumsum(-1)[:, 1:] + torch.arange(labels.size(0)).unsqueeze(1) * labels.size(1)
+    segment = segment.reshape(-1).to(tok.device)
+    mask = (shift_labels.reshape(-1) != IGNORE_INDEX).to(tok.dtype)
+    n_seg = int(segment.max()) + 1
+    sums = torch.zeros(n_seg, dtype=tok.dtype, device=tok.device).index_add(0, segment, tok * mask)
+    counts = torch.zeros(n_seg, dtype=tok.dtype, device=tok.device).index_add(0, segment, mask)
+    has = counts > 0
+    return (sums[has] / counts[has]).sum(), int(has.sum())
+
+
+def sample_count(labels: torch.Tensor, position_ids: torch.Tensor) -> int:
+    """Packed samples that carry at least one supervised target."""
+    segment = (position_ids == 0).cumsum(-1)[:, 1:] + torch.arange(labels.size(0)).unsqueeze(1) * labels.size(1)
+    sup = labels[:, 1:] != IGNORE_INDEX
+    return int(torch.unique(segment[sup]).numel())

@@ -88,11 +88,11 @@ def plan_packing(lengths: list[int], max_seq_len: int, overlong: str = "drop") -
 def pack_rows(
     input_ids: list[np.ndarray], labels: list[np.ndarray], bins: list[list[int]], max_seq_len: int, pad_id: int
 ) -> dict[str, list[np.ndarray]]:
-    """Materialize packed rows: concatenated ids/labels padded to ``max_seq_len`` plus ``seq_lens``.
+    """Materialize packed rows: concatenated ids/labels padded to ``max_seq_len``, ``seq_lens`` and ``num_pad``.
 
     Samples longer than ``max_seq_len`` (only present when truncation was chosen) are cut at the end.
     """
-    rows_ids, rows_labels, rows_lens = [], [], []
+    rows_ids, rows_labels, rows_lens, rows_pad = [], [], [], []
     for b in bins:
         ids = [input_ids[i][:max_seq_len] for i in b]
         labs = [labels[i][:max_seq_len] for i in b]
@@ -109,7 +109,8 @@ def pack_rows(
         row_labels[starts] = IGNORE_INDEX
         rows_labels.append(row_labels)
         rows_lens.append(np.asarray(lens, dtype=np.int32))
-    return {"input_ids": rows_ids, "labels": rows_labels, "seq_lens": rows_lens}
+        rows_pad.append(pad)
+    return {"input_ids": rows_ids, "labels": rows_labels, "seq_lens": rows_lens, "num_pad": rows_pad}
 
 
 def position_ids_from_lens(seq_lens: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,13 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
     out = stage_dir(cfg.work_dir, "train", train_key(cfg, prepared, model_dir))
     if is_complete(out):
         return StageOutput(out, reused=True)
+    # Checkpoints live beside the (atomic, temporary) output folder so they survive a crash.
+    ckpt = cfg.work_dir / "checkpoints" / out.name
     with atomic_dir(out) as tmp:
-        result = train(model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step)
+        result = train(
+            model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step,
+            checkpoint_dir=ckpt if cfg.train.checkpoint_every else None,
+        )
         write_json_atomic(tmp / "stats.json", {
             "steps": result.steps,
             "final_loss": result.losses[-1],
@@ -152,11 +158,13 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
             "seconds": result.seconds,
             "tokens_per_s": result.tokens / result.seconds,
             "history": result.history,
+            "resumed_from_step": result.resumed_from,
         })
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.train))
         write_json_atomic(tmp / "deepspeed_config.json", deepspeed_config(cfg.train, 1))
         xs = [h["step"] for h in result.history]
         plots.curves({"train loss": (xs, result.losses)}, tmp / "loss.png", "Training loss", "loss per supervised token")
+    shutil.rmtree(ckpt, ignore_errors=True)
     return StageOutput(out, reused=False)
 
 

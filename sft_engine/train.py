@@ -4,13 +4,24 @@ Loss normalization: for each optimizer step the supervised tokens of the whole a
 window, over all ranks, are counted first (``N``). Each micro-batch then back-propagates
 ``sum_of_token_losses * world_size / N``; DeepSpeed's gradient averaging divides by the world size
 again, so the step's gradient is exactly that of (sum of token losses) / N over the global batch,
-whatever the split into micro-batches and ranks.
+whatever the split into micro-batches and ranks. ``loss_norm=sample`` does the same with per-sample
+mean losses and the global sample count.
+
+Checkpoints: every ``checkpoint_every`` steps a DeepSpeed checkpoint (model, optimizer, scheduler)
+is written with the step, the loss history and RNG states as client state; a ``_COMPLETE`` marker
+is written only after every rank has finished, so a crash mid-save leaves a folder that resume
+ignores. The data position needs no state of its own: the batch order is a pure function of
+(seed, micro-batches consumed).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
+import resource
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -21,10 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sft_engine.config import TrainConfig
+from sft_engine.config import ConfigError, TrainConfig
 from sft_engine.data import PackedDataset, iter_batches
-from sft_engine.loss import supervised_count, token_loss_sum
+from sft_engine.loss import sample_count, sample_loss_sum, supervised_count, token_loss_sum
 from sft_engine.model import load_model, load_tokenizer
+
+COMPLETE = "_COMPLETE"
+
+# Dense bf16 peak FLOP/s for MFU, by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
 def _free_port() -> int:
@@ -39,15 +55,17 @@ def init_distributed() -> tuple[int, int]:
     A plain single process gets the rendezvous variables a launcher would set, so DeepSpeed
     does not fall back to MPI discovery.
     """
-    import deepspeed
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -55,25 +73,64 @@ def resolve_precision(cfg: TrainConfig) -> str:
     """bf16 on GPU and fp32 on CPU unless the config says otherwise."""
     if cfg.precision == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
     return cfg.precision
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON derived from our training config (never hand-copied)."""
-    precision = resolve_precision(cfg)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON derived from our training config (never hand-copied), merged with user overrides.
+
+    Raises ConfigError if the batch sizes do not satisfy
+    train_batch_size = micro_batch x grad_accum x world_size after the merge.
+    """
+    precision = precision or resolve_precision(cfg)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload_optimizer or cfg.offload_param:
+        # Our optimizer is a client torch AdamW; let DeepSpeed keep it rather than demand its CPU Adam.
+        ds["zero_force_ds_cpu_optimizer"] = False
     if cfg.grad_clip is not None:
         ds["gradient_clipping"] = cfg.grad_clip
-    if cfg.zero_stage == 3:
-        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.deepspeed_overrides:
+        path = Path(cfg.deepspeed_overrides)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed_overrides: file '{path}' does not exist")
+        try:
+            ds = _merge(ds, json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"train.deepspeed_overrides: '{path}' is not valid JSON: {exc}") from exc
+    mb, ga, tb = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
+    if tb != mb * ga * world_size:
+        raise ConfigError(
+            f"DeepSpeed train_batch_size ({tb}) must equal train_micro_batch_size_per_gpu ({mb}) x "
+            f"gradient_accumulation_steps ({ga}) x world size ({world_size}) = {mb * ga * world_size}; "
+            "set train.micro_batch_size / train.grad_accum instead of batch fields in the override JSON"
+        )
+    if (mb, ga) != (cfg.micro_batch_size, cfg.grad_accum):
+        raise ConfigError("the DeepSpeed override JSON may not change batch sizes; set train.micro_batch_size / train.grad_accum")
     return ds
 
 
@@ -93,6 +150,16 @@ def total_steps(cfg: TrainConfig, n_rows: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_rows / per_step))
 
 
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters in matmuls + attention scores (Kaplan/PaLM formula)."""
+    h, n_layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", 4 * h)
+    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * (h // config.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o, k, v, gate/up/down
+    matmul_params = n_layers * per_layer + config.vocab_size * h  # lm head
+    return 6 * matmul_params + 12 * n_layers * h * seq_len
+
+
 @dataclass
 class TrainResult:
     """Summary of a finished training run."""
@@ -104,11 +171,10 @@ class TrainResult:
     seconds: float
     output_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
 
 
 def _seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -116,9 +182,38 @@ def _seed_everything(seed: int) -> None:
 
 def _full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
     if zero_stage == 3:
-        # Gathers the partitioned parameters onto rank 0.
+        # Gathers the partitioned parameters (collective: every rank calls it).
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict()
+
+
+def latest_checkpoint(ckpt_dir: Path | None) -> str | None:
+    """Tag of the newest checkpoint with a completion marker, or None."""
+    if ckpt_dir is None or not ckpt_dir.is_dir():
+        return None
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+    return tags[-1] if tags else None
+
+
+def _save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, rank: int) -> None:
+    tag = f"step-{step:08d}"
+    state = {**state, "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    torch.distributed.barrier()
+    if rank == 0:
+        (ckpt_dir / tag / COMPLETE).write_text(f"{step}\n")
+        complete = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in (p for p in ckpt_dir.iterdir() if p.is_dir() and not (p / COMPLETE).is_file() and p.name < tag):
+            shutil.rmtree(partial, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def train(
@@ -129,6 +224,7 @@ def train(
     seed: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     show_progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
     """Fine-tune the model in ``model_dir`` on packed rows and save a Hugging Face folder to ``output_dir``."""
     import deepspeed
@@ -136,23 +232,31 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world = init_distributed()
+    precision = resolve_precision(cfg)
+    ds_cfg = deepspeed_config(cfg, world, precision)
     _seed_everything(seed)
     ds_data = PackedDataset(data_path)
     steps = total_steps(cfg, len(ds_data), world)
     model = load_model(model_dir, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
+    fpt = flops_per_token(model.config, int(ds_data[0]["input_ids"].shape[0]))
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.min_lr_ratio)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
-    )
-    batches = iter_batches(ds_data, cfg.micro_batch_size, seed, rank=rank, world_size=world)
-    losses: list[float] = []
-    history: list[dict[str, float]] = []
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+
+    start_step, losses, history = 0, [], []
     tokens = supervised_total = 0
-    start = time.perf_counter()
+    tag = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else None
+    if tag is not None:
+        _, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        start_step, losses, history = client["step"], client["losses"], client["history"]
+        tokens, supervised_total = client["tokens"], client["supervised_tokens"]
+        random.setstate(client["rng"]["python"])
+        np.random.set_state(client["rng"]["numpy"])
+        torch.set_rng_state(client["rng"]["torch"])
+    batches = iter_batches(ds_data, cfg.micro_batch_size, seed, rank=rank, world_size=world, skip=start_step * cfg.grad_accum)
+
     progress = None
     if show_progress and rank == 0:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -161,34 +265,42 @@ def train(
             TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
             TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
         )
-        bar = progress.add_task("train", total=steps, loss=float("nan"))
+        bar = progress.add_task("train", total=steps, completed=start_step, loss=losses[-1] if losses else float("nan"))
         progress.start()
     engine.train()
+    started = time.perf_counter()
     try:
-        for step in range(steps):
+        for step in range(start_step, steps):
             t0 = time.perf_counter()
             lr = float(optimizer.param_groups[0]["lr"])
             window = [next(batches) for _ in range(cfg.grad_accum)]
-            local = sum(supervised_count(b["labels"]) for b in window)
-            count = torch.tensor([local], dtype=torch.float64)
-            torch.distributed.all_reduce(count)
-            n_window = max(1.0, float(count.item()))
+            counts = torch.tensor(
+                [sum(supervised_count(b["labels"]) for b in window), sum(sample_count(b["labels"], b["position_ids"]) for b in window)],
+                dtype=torch.float64,
+            )
+            torch.distributed.all_reduce(counts)
+            n_tokens, n_samples = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
+            denom = n_tokens if cfg.loss_norm == "token" else n_samples
             loss_sum = 0.0
             for b in window:
                 out = engine(
                     input_ids=b["input_ids"].to(engine.device), position_ids=b["position_ids"].to(engine.device), use_cache=False
                 )
-                ce = token_loss_sum(out.logits, b["labels"])
-                engine.backward(ce * world / n_window, scale_wrt_gas=False)
+                if cfg.loss_norm == "token":
+                    part = token_loss_sum(out.logits, b["labels"])
+                else:
+                    part, _ = sample_loss_sum(out.logits, b["labels"], b["position_ids"])
+                engine.backward(part * world / denom, scale_wrt_gas=False)
                 engine.step()
-                loss_sum += float(ce.detach())
+                loss_sum += float(part.detach())
             total = torch.tensor([loss_sum], dtype=torch.float64)
             torch.distributed.all_reduce(total)
-            loss = float(total.item()) / n_window
+            loss = float(total.item()) / denom
             dt = time.perf_counter() - t0
             step_tokens = sum(int(b["input_ids"].numel()) for b in window) * world
+            real_tokens = sum(int(b["real_tokens"]) for b in window) * world
             tokens += step_tokens
-            supervised_total += int(n_window)
+            supervised_total += int(n_tokens)
             losses.append(loss)
             grad_norm = engine.get_global_grad_norm()
             metrics = {
@@ -196,24 +308,32 @@ def train(
                 "train/lr": lr,
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "train/tokens_per_s": step_tokens / dt,
-                "train/supervised_tokens_per_s": n_window / dt,
+                "train/supervised_tokens_per_s": n_tokens / dt,
+                "train/samples_per_s": n_samples / dt,
                 "train/supervised_tokens": float(supervised_total),
                 "train/step_seconds": dt,
+                "train/fill": real_tokens / step_tokens,
+                "train/peak_memory_gb": _peak_memory_gb(),
             }
+            if peak_flops is not None:
+                metrics["train/mfu"] = step_tokens * fpt / dt / (peak_flops * world)
             history.append({"step": float(step + 1), **metrics})
             if on_step is not None and rank == 0:
                 on_step(step + 1, metrics)
             if progress is not None:
                 progress.update(bar, advance=1, loss=loss)
+            if checkpoint_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                state = {"step": step + 1, "losses": losses, "history": history, "tokens": tokens, "supervised_tokens": supervised_total}
+                _save_checkpoint(engine, checkpoint_dir, step + 1, state, cfg.keep_checkpoints, rank)
     finally:
         if progress is not None:
             progress.stop()
-    seconds = time.perf_counter() - start
-    state = _full_state_dict(engine, cfg.zero_stage)
+    seconds = time.perf_counter() - started
+    state_dict = _full_state_dict(engine, cfg.zero_stage)
     if rank == 0:
-        save_hf_folder(engine.module, state, model_dir, output_dir)
+        save_hf_folder(engine.module, state_dict, model_dir, output_dir)
     torch.distributed.barrier()
-    return TrainResult(steps, losses, tokens, supervised_total, seconds, output_dir, history)
+    return TrainResult(steps, losses, tokens, supervised_total, seconds, output_dir, history, resumed_from=start_step)
 
 
 def save_hf_folder(module: Any, state: dict[str, torch.Tensor], model_dir: Path, output_dir: Path) -> None:

@@ -111,3 +111,11 @@ def test_skeleton_fast_path_matches_prefix_diffing_on_real_chats(smollm2_tokeniz
     for i, r in enumerate(render_batch(smollm2_tokenizer, convs, MaskStrategy.ALL_ASSISTANT)):
         expected = labels_from_offsets(np.asarray(enc["input_ids"][i]), np.asarray(enc["offset_mapping"][i]), r.spans)
         assert np.array_equal(out.labels[i], expected)
+
+
+def test_mask_preview_pieces_cover_text_and_mark_supervised(smollm2_tokenizer) -> None:
+    from sft_engine.chat import mask_preview
+
+    pieces = mask_preview(smollm2_tokenizer, MULTI)
+    assert "".join(p for p, _ in pieces).startswith("<|im_start|>system\nBe terse.<|im_end|>")
+    assert "".join(p for p, s in pieces if s) == "Hello!<|im_end|>4<|im_end|>"

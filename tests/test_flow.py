@@ -87,3 +87,15 @@ def test_cli_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
         main(["run", "--help"])
     out = capsys.readouterr().out
     assert "train.lr=3e-5" in out and "mlflow ui --backend-store-uri" in out
+
+
+def test_cli_preview_mask_shows_supervised_count(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    rc = main([
+        "preview-mask", "--config", "conf/demo.yaml", "--row", "0", f"work_dir={tmp_path}", f"model={tiny_model}",
+        "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 5}]",
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Answer:" in out and "tokens supervised (green)" in out

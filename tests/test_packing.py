@@ -10,6 +10,10 @@ from sft_engine.loss import supervised_count, token_loss_sum
 from sft_engine.packing import best_fit_decreasing, cu_seqlens, pack_rows, plan_packing, position_ids_from_lens
 
 
+def _first_row(rows: dict) -> dict:
+    return {k: (v[0].astype(np.int64) if k != "num_pad" else v[0]) for k, v in rows.items()}
+
+
 def test_best_fit_decreasing_exact_bins() -> None:
     # Sorted: 7(0) 6(3) 5(1) 4(5) 3(2) 2(4) 1(6); capacity 10.
     # 7 -> new bin A(rest 3); 6 -> new B(rest 4); 5 -> new C(rest 5); 4 -> B (fullest that fits, rest 0);
@@ -46,6 +50,7 @@ def test_packed_layout_positions_and_boundary_labels() -> None:
     # The first label of every segment is ignored: nothing predicts across a boundary.
     assert rows["labels"][0].tolist() == [-100, 11, 12, 13, -100, 21, 22, -100, -100]
     assert rows["seq_lens"][0].tolist() == [4, 3, 2]
+    assert rows["num_pad"] == [2]
     assert position_ids_from_lens(rows["seq_lens"][0]).tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     assert cu_seqlens(rows["seq_lens"][0]).tolist() == [0, 4, 7, 9]
 
@@ -77,7 +82,7 @@ def test_packed_batch_has_same_loss_and_gradients_as_unpacked(tiny_model) -> Non
 
     # Packed: all three in one row of 32 with padding, position ids restarting per sample.
     rows = pack_rows([s[0] for s in samples], [s[1] for s in samples], [[0, 1, 2]], max_seq_len=32, pad_id=0)
-    batch = collate([{k: v[0].astype(np.int64) for k, v in rows.items()}])
+    batch = collate([_first_row(rows)])
     assert supervised_count(batch["labels"]) == n_tokens
     model.zero_grad()
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
@@ -97,7 +102,7 @@ def test_packing_without_position_ids_would_leak(tiny_model) -> None:
     ids = [np.arange(3, 13), np.arange(20, 28)]
     labels = [x.copy() for x in ids]
     rows = pack_rows(ids, labels, [[0, 1]], max_seq_len=18, pad_id=0)
-    batch = collate([{k: v[0].astype(np.int64) for k, v in rows.items()}])
+    batch = collate([_first_row(rows)])
     with torch.no_grad():
         isolated = token_loss_sum(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits, batch["labels"])
         leaking = token_loss_sum(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
