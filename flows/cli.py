@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in {**STAGE_HELP, **extra}.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", default="conf/demo.yaml", help="pipeline YAML (default: %(default)s)")
+        if name == "train":
+            p.add_argument(
+                "--dry-run", action="store_true",
+                help="curate and prepare if needed, then print the exact launcher command for training (train.nproc, "
+                "train.hostfile) instead of running it",
+            )
         if name == "preview-mask":
             p.add_argument("--row", type=int, default=0, help="row of the curated train split to show (default: %(default)s)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5 model=/path")
@@ -132,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    if args.command == "train" and args.dry_run:
+        from sft_engine.stages import run_curate, run_prepare, train_job
+
+        prepared = run_prepare(cfg, run_curate(cfg).path).path
+        scratch = cfg.work_dir / "launch"
+        cmd, job = train_job(cfg, prepared, scratch / "model", scratch)
+        print(f"# job file: {job}\n# run on the first host (a hostfile lists 'hostname slots=N' per node):")
+        print(" ".join(cmd))
         return 0
     if args.command == "preview-mask":
         preview_mask(cfg, args.row)

@@ -118,6 +118,14 @@ class TrainConfig(_Strict):
         default="sdpa", description="Attention kernel; all respect packed sample boundaries."
     )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = all cores).")
+    nproc: int = Field(default=1, ge=1, description="Training processes on this machine (>1 launches torch.distributed.run).")
+    hostfile: str | None = Field(
+        default=None, description="DeepSpeed hostfile ('host slots=N' lines) for several nodes; launches the deepspeed launcher."
+    )
+    log_model: bool = Field(default=False, description="Also copy the final Hugging Face folder into MLflow as artifacts.")
+    register_model: str | None = Field(
+        default=None, description="Register the logged model under this name in the MLflow Model Registry (implies log_model)."
+    )
     checkpoint_every: int | None = Field(default=None, ge=1, description="Save a DeepSpeed checkpoint every N steps (None = off).")
     keep_checkpoints: int = Field(default=2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     resume: Literal["auto", "never"] = Field(default="auto", description="auto = continue from the latest complete checkpoint.")

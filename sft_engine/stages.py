@@ -23,6 +23,7 @@ from sft_engine import __version__
 from sft_engine.curate import curate, source_files
 from sft_engine.data import prepare_split
 from sft_engine.evaluate import generate_samples, heldout_loss
+from sft_engine.train import TrainResult, deepspeed_config, train
 from sft_engine.io import atomic_dir, digest_file, digest_json, is_complete, read_json, stage_dir, write_json_atomic
 from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
 
@@ -134,21 +135,48 @@ def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], No
     return StageOutput(out, reused=False)
 
 
-def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None = None) -> StageOutput:
-    """Fine-tune with DeepSpeed; the output folder holds ``model/`` (a Hugging Face folder) and stats."""
-    from sft_engine.train import deepspeed_config, train
+def train_job(cfg: PipelineConfig, prepared: Path, model_out: Path, scratch: Path, ckpt: Path | None = None) -> tuple[list[str], Path]:
+    """Write the job file for a launched training run and return (exact launcher command, job file)."""
+    from sft_engine.launch import launch_command, write_job
 
+    job = write_job(
+        scratch / "job.json", model_dir=resolve_model(cfg.model).resolve(), data=(prepared / "train.arrow").resolve(),
+        output_dir=model_out.resolve(), train=config_to_dict(cfg.train), seed=cfg.seed,
+        checkpoint_dir=ckpt.resolve() if ckpt else None, metrics_file=(scratch / "metrics.jsonl").resolve(),
+        result_file=(scratch / "result.json").resolve(),
+    )
+    return launch_command(cfg.train, job), job
+
+
+def _train_launched(cfg: PipelineConfig, prepared: Path, model_out: Path, ckpt: Path | None,
+                    on_step: StepCallback | None, scratch: Path) -> TrainResult:
+    from sft_engine.launch import run_launched
+
+    cmd, _ = train_job(cfg, prepared, model_out, scratch, ckpt)
+    (scratch / "metrics.jsonl").unlink(missing_ok=True)
+    run_launched(cmd, scratch / "metrics.jsonl", on_step, scratch / "launcher.log")
+    r = read_json(scratch / "result.json")
+    return TrainResult(r["steps"], r["losses"], r["tokens"], r["supervised_tokens"], r["seconds"], model_out, r["history"], r["resumed_from"])
+
+
+def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None = None) -> StageOutput:
+    """Fine-tune with DeepSpeed (in-process, or under a launcher when ``train.nproc`` > 1 or a hostfile is set);
+    the output folder holds ``model/`` (a Hugging Face folder) and stats."""
     model_dir = resolve_model(cfg.model)
     out = stage_dir(cfg.work_dir, "train", train_key(cfg, prepared, model_dir))
     if is_complete(out):
         return StageOutput(out, reused=True)
     # Checkpoints live beside the (atomic, temporary) output folder so they survive a crash.
     ckpt = cfg.work_dir / "checkpoints" / out.name
+    ckpt_arg = ckpt if cfg.train.checkpoint_every else None
+    world = cfg.train.nproc
     with atomic_dir(out) as tmp:
-        result = train(
-            model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step,
-            checkpoint_dir=ckpt if cfg.train.checkpoint_every else None,
-        )
+        if cfg.train.nproc > 1 or cfg.train.hostfile:
+            result = _train_launched(cfg, prepared, tmp / "model", ckpt_arg, on_step, tmp)
+            for name in ("job.json", "metrics.jsonl", "result.json"):
+                (tmp / name).unlink(missing_ok=True)
+        else:
+            result = train(model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step, checkpoint_dir=ckpt_arg)
         write_json_atomic(tmp / "stats.json", {
             "steps": result.steps,
             "final_loss": result.losses[-1],
@@ -156,12 +184,12 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
             "tokens": result.tokens,
             "supervised_tokens": result.supervised_tokens,
             "seconds": result.seconds,
-            "tokens_per_s": result.tokens / result.seconds,
+            "tokens_per_s": result.tokens / result.seconds if result.seconds else 0.0,
             "history": result.history,
             "resumed_from_step": result.resumed_from,
         })
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.train))
-        write_json_atomic(tmp / "deepspeed_config.json", deepspeed_config(cfg.train, 1))
+        write_json_atomic(tmp / "deepspeed_config.json", deepspeed_config(cfg.train, world))
         xs = [h["step"] for h in result.history]
         plots.curves({"train loss": (xs, result.losses)}, tmp / "loss.png", "Training loss", "loss per supervised token")
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -97,11 +97,9 @@ def train_task(cfg: PipelineConfig, prepared: Path, parent_run_id: str | None = 
     """Fine-tune with DeepSpeed; returns the folder of the saved Hugging Face model."""
     log = get_run_logger()
     with stage_run(cfg, "train", parent_run_id) as (client, run_id):
-        from sft_engine.train import deepspeed_config
-
-        client.log_dict(run_id, deepspeed_config(cfg.train, 1), "deepspeed_config.json")
         on_step: Callable[[int, dict[str, float]], None] = lambda step, m: tracking.log_metrics(client, run_id, m, step)
-        res = stages.run_train(cfg, prepared, on_step=on_step)
+        with tracking.system_metrics(cfg, run_id):
+            res = stages.run_train(cfg, prepared, on_step=on_step)
         out = res.path
         stats = read_json(out / "stats.json")
         if res.reused:
@@ -112,6 +110,11 @@ def train_task(cfg: PipelineConfig, prepared: Path, parent_run_id: str | None = 
         tracking.log_metrics(client, run_id, {k: stats[k] for k in ("steps", "tokens", "supervised_tokens", "seconds", "tokens_per_s")})
         tracking.log_files(client, run_id, out)
         client.set_tag(run_id, "model_path", str(out / "model"))
+        if cfg.train.log_model or cfg.train.register_model:
+            client.log_artifacts(run_id, str(out / "model"), "model")
+        if cfg.train.register_model:
+            version = tracking.register(client, run_id, cfg.train.register_model, "model")
+            log.info("train: registered model '%s' version %s", cfg.train.register_model, version)
         log.info("train: %d steps, loss %.4f -> %.4f, %.0f tokens/s", stats["steps"], stats["first_loss"], stats["final_loss"], stats["tokens_per_s"])
     return out / "model"
 

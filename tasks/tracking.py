@@ -6,7 +6,9 @@ Runs are driven through ``MlflowClient`` with explicit run ids rather than MLflo
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 import subprocess
 import time
 from pathlib import Path
@@ -100,6 +102,29 @@ def log_files(client: MlflowClient, run_id: str, folder: Path, suffixes: tuple[s
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix in suffixes:
             client.log_artifact(run_id, str(path))
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: PipelineConfig, run_id: str, interval: float = 5.0) -> Iterator[None]:
+    """MLflow system metrics (CPU, memory, GPU when present) sampled into ``run_id`` while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=cfg.resolved_tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> str:
+    """Register a run's logged model folder in the Model Registry; returns the new version."""
+    try:
+        client.create_registered_model(name)
+    except Exception:  # already registered: add a version
+        pass
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    return client.create_model_version(name, source, run_id=run_id).version
 
 
 def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:

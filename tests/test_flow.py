@@ -53,6 +53,11 @@ def test_pipeline_flow_end_to_end_and_rerun_reuses_stages(prefect_server, tiny_m
     artifacts = {a.path for a in client.list_artifacts(by_stage["curate"].info.run_id)}
     assert {"stats.json", "drop_reasons.png", "config.json"} <= artifacts
     assert (Path(result["model"]) / "model.safetensors").is_file()
+    # Logged as an artifact and registered; system metrics sampled during training.
+    assert {a.path for a in client.list_artifacts(train_run.info.run_id, "model")} >= {"model/model.safetensors", "model/config.json"}
+    versions = client.search_model_versions("name='tiny-sft'")
+    assert [v.run_id for v in versions] == [train_run.info.run_id]
+    assert any(k.startswith("system/") for k in client.get_run(train_run.info.run_id).data.metrics)
     stats = json.loads((Path(result["curated"]) / "stats.json").read_text())
     assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped_by_reason"].values())
 
@@ -99,3 +104,34 @@ def test_cli_preview_mask_shows_supervised_count(tiny_model: Path, tmp_path: Pat
     out = capsys.readouterr().out
     assert rc == 0
     assert "Answer:" in out and "tokens supervised (green)" in out
+
+
+def test_pipeline_trains_with_two_processes_under_the_launcher(prefect_server, tiny_model: Path, tmp_path: Path) -> None:
+    from flows.pipeline import sft_pipeline
+
+    cfg = _cfg(tmp_path, tiny_model, "train.nproc=2", "train.grad_accum=1", "experiment=flow-test-2proc",
+               "train.register_model=tiny-sft")
+    result = sft_pipeline(config=config_to_dict(cfg), until="train")
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri())
+    runs = client.search_runs(
+        [client.get_experiment_by_name("flow-test-2proc").experiment_id], f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'"
+    )
+    train_run = next(r for r in runs if r.data.tags["sft.stage"] == "train")
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")] == [1, 2]
+    ds = json.loads((Path(result["model"]).parent / "deepspeed_config.json").read_text())
+    assert ds["train_batch_size"] == 2
+    assert (Path(result["model"]) / "model.safetensors").is_file()
+
+
+def test_train_dry_run_prints_exact_launcher_command(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    base = [f"work_dir={tmp_path}", f"model={tiny_model}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 20}]",
+            "prepare.max_seq_len=128"]
+    assert main(["train", "--dry-run", "-c", "conf/demo.yaml", *base, "train.nproc=2"]) == 0
+    out = capsys.readouterr().out
+    assert "-m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1" in out and "-m sft_engine.launch" in out
+    assert main(["train", "--dry-run", "-c", "conf/demo.yaml", *base, "train.hostfile=/etc/hosts.ds"]) == 0
+    out = capsys.readouterr().out
+    assert "deepspeed --hostfile /etc/hosts.ds --master_port" in out and "--module sft_engine.launch" in out
+    assert not (tmp_path / "train").exists()
