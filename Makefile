@@ -4,7 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup assets demo test bench clean
+
+# Real Llama-3 tokenizer and Llama-3.1 / Gemma-2 chat templates for the mask tests: they ship (MIT, llama.cpp)
+# inside the llama-cpp-python source archive on PyPI; fetched once, nothing is built.
+SFT_CACHE_DIR ?= $(HOME)/.cache/sft-pipeline
+ASSETS := $(SFT_CACHE_DIR)/assets/llama.cpp
+LLAMACPP := llama_cpp_python-0.3.36
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +24,26 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(ASSETS)/.done: | $(STAMP)
+	rm -rf $(ASSETS) && mkdir -p $(ASSETS)/dl
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(ASSETS)/dl
+	tar -xzf $(ASSETS)/dl/$(LLAMACPP).tar.gz -C $(ASSETS)/dl \
+		$(LLAMACPP)/vendor/llama.cpp/LICENSE \
+		$(LLAMACPP)/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf \
+		$(LLAMACPP)/vendor/llama.cpp/models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja \
+		$(LLAMACPP)/vendor/llama.cpp/models/templates/google-gemma-2-2b-it.jinja
+	mv $(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/LICENSE $(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf \
+		$(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/models/templates/*.jinja $(ASSETS)/
+	rm -rf $(ASSETS)/dl
+	touch $@
+
+assets: $(ASSETS)/.done
+
 demo: setup
 	$(BIN)/sft-pipeline run --config conf/demo.yaml
 
-test: setup
-	$(BIN)/python -m pytest -q
+test: setup assets
+	SFT_CACHE_DIR=$(SFT_CACHE_DIR) $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf runs .pytest_cache

@@ -194,21 +194,48 @@ def _fill(skel: _Skeleton, contents: list[str], text: str) -> list[tuple[int, in
     return [(at(a), _strip_right(text, at(a), at(b))) for a, b in skel.spans]
 
 
+def _render_each(tokenizer: PreTrainedTokenizerBase, convs: list[list[dict[str, Any]]]) -> list[str | None]:
+    """Render a batch in one call; if the template rejects any conversation (raise_exception), render
+    one by one so only the rejected ones come back as None."""
+    if not convs:
+        return []
+    try:
+        texts, _ = _render(tokenizer, convs)
+        return list(texts)
+    except TemplateError:
+        raise
+    except Exception:
+        out: list[str | None] = []
+        for conv in convs:
+            try:
+                (text,), _ = _render(tokenizer, [conv])
+                out.append(text)
+            except TemplateError:
+                raise
+            except Exception:
+                out.append(None)
+        return out
+
+
 def render_batch(
     tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]], strategy: MaskStrategy
-) -> list[Rendered | None]:
+) -> list[Rendered | str]:
     """Render many conversations in one call and find their supervised spans.
 
     Spans are derived once per role structure from a placeholder render and mapped onto each
     conversation; the mapping is used only when the filled placeholder render equals the real
     render character for character, otherwise the conversation's own prefixes are diffed. Returns
-    None for a conversation the template cannot mask.
+    a drop reason instead for a conversation the template refuses to render
+    (``mask_template_rejected``) or cannot mask (``mask_template_not_prefix_stable``).
     """
     clean = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in conversations]
-    texts, _ = _render(tokenizer, clean) if clean else ([], [])
+    texts = _render_each(tokenizer, clean)
     cache: dict[tuple[Any, ...], _Skeleton | None] = {}
-    out: list[Rendered | None] = []
+    out: list[Rendered | str] = []
     for msgs, text in zip(conversations, texts, strict=True):
+        if text is None:
+            out.append("mask_template_rejected")
+            continue
         if strategy is MaskStrategy.EVERYTHING:
             out.append(Rendered(text, [(0, len(text))]))
             continue
@@ -223,7 +250,7 @@ def render_batch(
         try:
             out.append(render_with_spans(tokenizer, msgs, strategy))
         except TemplateError:
-            out.append(None)
+            out.append("mask_template_not_prefix_stable")
     return out
 
 
@@ -264,13 +291,13 @@ def tokenize_conversations(
     ``mask_*`` drop reason instead of being trained on silently.
     """
     rendered = render_batch(tokenizer, conversations, strategy)
-    reasons: list[str | None] = [None if r is not None else "mask_template_not_prefix_stable" for r in rendered]
-    texts = [r.text if r is not None else "" for r in rendered]
+    reasons: list[str | None] = [r if isinstance(r, str) else None for r in rendered]
+    texts = [r.text if isinstance(r, Rendered) else "" for r in rendered]
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     ids_out, labels_out = [], []
     for i, (r, enc) in enumerate(zip(rendered, encodings, strict=True)):
         ids = np.asarray(enc.ids, dtype=np.int64)
-        if r is None:
+        if not isinstance(r, Rendered):
             labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
         else:
             try:
@@ -291,7 +318,9 @@ def mask_preview(
     """The rendered conversation as (text piece, supervised) per token, for showing a mask to a person."""
     out = tokenize_conversations(tokenizer, [messages], strategy)
     (rendered,) = render_batch(tokenizer, [messages], strategy)
-    text = rendered.text if rendered is not None else ""
+    if not isinstance(rendered, Rendered):
+        raise TemplateError(f"this conversation cannot be masked: {rendered}")
+    text = rendered.text
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     pieces = []
     for k, (a, b) in enumerate(enc.offsets):

@@ -77,3 +77,37 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def _assets() -> Path:
+    folder = Path(os.environ.get("SFT_CACHE_DIR", Path.home() / ".cache" / "sft-pipeline")) / "assets" / "llama.cpp"
+    if not (folder / ".done").is_file():
+        pytest.fail(f"test assets missing in {folder}: run `make assets` (fetches llama-cpp-python's source archive from PyPI)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Meta Llama-3's tokenizer (from llama.cpp's vocab GGUF) with the Llama-3.1-8B-Instruct chat template."""
+    from transformers import AutoTokenizer
+
+    assets = _assets()
+    cached = assets / "llama3-hf"
+    if not (cached / "tokenizer.json").is_file():
+        # Reading the 128k-token GGUF takes ~10 s; the saved folder reloads in under a second.
+        AutoTokenizer.from_pretrained(assets, gguf_file="ggml-vocab-llama-bpe.gguf").save_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(cached)
+    tok.chat_template = (assets / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
+    return tok
+
+
+@pytest.fixture(scope="session")
+def gemma_style_tokenizer(smollm2_tokenizer):
+    """Gemma-2's chat template on the SmolLM2 vocabulary with Gemma's turn tokens added as special tokens
+    (llama.cpp ships no loadable Gemma 2/3 vocabulary)."""
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = (_assets() / "google-gemma-2-2b-it.jinja").read_text()
+    return tok
