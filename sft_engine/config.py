@@ -122,6 +122,8 @@ class TrainConfig(_Strict):
     hostfile: str | None = Field(
         default=None, description="DeepSpeed hostfile ('host slots=N' lines) for several nodes; launches the deepspeed launcher."
     )
+    eval_every: int | None = Field(default=None, ge=1, description="Held-out loss every N steps during training (None = off).")
+    eval_max_rows: int | None = Field(default=32, ge=1, description="Held-out packed rows used by eval_every (None = all).")
     log_model: bool = Field(default=False, description="Also copy the final Hugging Face folder into MLflow as artifacts.")
     register_model: str | None = Field(
         default=None, description="Register the logged model under this name in the MLflow Model Registry (implies log_model)."

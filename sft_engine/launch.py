@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(job["model_dir"]), Path(job["data"]), Path(job["output_dir"]), TrainConfig.model_validate(job["train"]),
         seed=job["seed"], on_step=on_step, show_progress=False,
         checkpoint_dir=Path(job["checkpoint_dir"]) if job.get("checkpoint_dir") else None,
+        eval_data=Path(job["eval_data"]) if job.get("eval_data") else None,
     )
     if dist.get_rank() == 0:
         Path(job["result_file"]).write_text(json.dumps({

@@ -142,6 +142,7 @@ def train_job(cfg: PipelineConfig, prepared: Path, model_out: Path, scratch: Pat
     job = write_job(
         scratch / "job.json", model_dir=resolve_model(cfg.model).resolve(), data=(prepared / "train.arrow").resolve(),
         output_dir=model_out.resolve(), train=config_to_dict(cfg.train), seed=cfg.seed,
+        eval_data=(prepared / "heldout.arrow").resolve(),
         checkpoint_dir=ckpt.resolve() if ckpt else None, metrics_file=(scratch / "metrics.jsonl").resolve(),
         result_file=(scratch / "result.json").resolve(),
     )
@@ -176,7 +177,10 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
             for name in ("job.json", "metrics.jsonl", "result.json"):
                 (tmp / name).unlink(missing_ok=True)
         else:
-            result = train(model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step, checkpoint_dir=ckpt_arg)
+            result = train(
+                model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step,
+                checkpoint_dir=ckpt_arg, eval_data=prepared / "heldout.arrow",
+            )
         write_json_atomic(tmp / "stats.json", {
             "steps": result.steps,
             "final_loss": result.losses[-1],
@@ -191,7 +195,11 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.train))
         write_json_atomic(tmp / "deepspeed_config.json", deepspeed_config(cfg.train, world))
         xs = [h["step"] for h in result.history]
-        plots.curves({"train loss": (xs, result.losses)}, tmp / "loss.png", "Training loss", "loss per supervised token")
+        series = {"train loss": (xs, result.losses)}
+        evals = [(h["step"], h["eval/loss"]) for h in result.history if "eval/loss" in h]
+        if evals:
+            series["held-out loss"] = ([x for x, _ in evals], [y for _, y in evals])
+        plots.curves(series, tmp / "loss.png", "Loss per supervised token", "loss")
     shutil.rmtree(ckpt, ignore_errors=True)
     return StageOutput(out, reused=False)
 

@@ -210,6 +210,30 @@ def _save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, An
     torch.distributed.barrier()
 
 
+@torch.no_grad()
+def engine_heldout_loss(engine: Any, data: PackedDataset, micro_batch_size: int, max_rows: int | None, rank: int, world: int) -> float:
+    """Loss per supervised token on held-out rows, evaluated through the engine on every rank (ZeRO-3 safe)."""
+    from sft_engine.data import collate
+
+    n = len(data) if max_rows is None else min(len(data), max_rows)
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+    per_rank = math.ceil(n / world)
+    for start in range(0, per_rank, micro_batch_size):
+        idx = [rank * per_rank + i for i in range(start, min(per_rank, start + micro_batch_size))]
+        real = [i for i in idx if i < n]
+        batch = collate([data[i if i < n else 0] for i in idx])
+        out = engine(input_ids=batch["input_ids"].to(engine.device), position_ids=batch["position_ids"].to(engine.device), use_cache=False)
+        if real:
+            keep = torch.tensor([i < n for i in idx])
+            sums[0] += float(token_loss_sum(out.logits[keep], batch["labels"][keep]))
+            sums[1] += supervised_count(batch["labels"][keep])
+    torch.distributed.all_reduce(sums)
+    engine.train()
+    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+
+
 def _peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -225,6 +249,7 @@ def train(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     show_progress: bool = True,
     checkpoint_dir: Path | None = None,
+    eval_data: Path | None = None,
 ) -> TrainResult:
     """Fine-tune the model in ``model_dir`` on packed rows and save a Hugging Face folder to ``output_dir``."""
     import deepspeed
@@ -256,6 +281,7 @@ def train(
         np.random.set_state(client["rng"]["numpy"])
         torch.set_rng_state(client["rng"]["torch"])
     batches = iter_batches(ds_data, cfg.micro_batch_size, seed, rank=rank, world_size=world, skip=start_step * cfg.grad_accum)
+    eval_ds = PackedDataset(eval_data) if eval_data is not None and cfg.eval_every else None
 
     progress = None
     if show_progress and rank == 0:
@@ -317,6 +343,8 @@ def train(
             }
             if peak_flops is not None:
                 metrics["train/mfu"] = step_tokens * fpt / dt / (peak_flops * world)
+            if eval_ds is not None and len(eval_ds) and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+                metrics["eval/loss"] = engine_heldout_loss(engine, eval_ds, cfg.micro_batch_size, cfg.eval_max_rows, rank, world)
             history.append({"step": float(step + 1), **metrics})
             if on_step is not None and rank == 0:
                 on_step(step + 1, metrics)

@@ -105,7 +105,7 @@ def test_pipeline_trains_with_two_processes_under_the_launcher(prefect_server, t
     from flows.pipeline import sft_pipeline
 
     cfg = _cfg(tmp_path, tiny_model, "train.nproc=2", "train.grad_accum=1", "experiment=flow-test-2proc",
-               "train.register_model=tiny-sft")
+               "train.register_model=tiny-sft", "train.eval_every=1")
     result = sft_pipeline(config=config_to_dict(cfg), until="train")
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri())
     runs = client.search_runs(
@@ -113,6 +113,8 @@ def test_pipeline_trains_with_two_processes_under_the_launcher(prefect_server, t
     )
     train_run = next(r for r in runs if r.data.tags["sft.stage"] == "train")
     assert [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")] == [1, 2]
+    # Held-out loss during training, across both ranks.
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "eval/loss")] == [1, 2]
     ds = json.loads((Path(result["model"]).parent / "deepspeed_config.json").read_text())
     assert ds["train_batch_size"] == 2
     assert (Path(result["model"]) / "model.safetensors").is_file()

@@ -77,3 +77,17 @@ def test_zero3_exports_full_weights(tiny_model: Path, packed: Path, tmp_path: Pa
     ref = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "z3").state_dict()
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ref.items()}
+
+
+def test_periodic_heldout_eval_matches_standalone_evaluation(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sft_engine.evaluate import heldout_loss
+
+    cfg = TrainConfig(zero_stage=3, max_steps=2, grad_accum=1, eval_every=2, eval_max_rows=None, lr=1e-3)
+    result = train(tiny_model, packed, tmp_path / "m", cfg, seed=0, show_progress=False, eval_data=packed)
+    evals = [h.get("eval/loss") for h in result.history]
+    assert evals[0] is None and evals[1] is not None
+    # The in-training value (through the ZeRO-3 engine) equals evaluating the saved model afterwards.
+    standalone = heldout_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), packed, micro_batch_size=2)
+    assert evals[1] == pytest.approx(standalone["loss"], abs=1e-4)
