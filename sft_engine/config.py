@@ -32,8 +32,12 @@ class SourceConfig(_Strict):
     builtin: Literal["chitchat", "verifiable_tasks"] | None = Field(
         default=None, description="Generate this source from an installed package (no hub): chitchat or verifiable_tasks."
     )
-    format: Literal["auto", "messages", "alpaca"] = Field(
-        default="auto", description="Row shape; auto detects messages vs instruction/input/output per file."
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "columns"] = Field(
+        default="auto", description="Row shape; auto detects messages / conversations (ShareGPT) / instruction (Alpaca) / prompt+completion per row."
+    )
+    columns: dict[str, str] | None = Field(
+        default=None,
+        description="For format=columns: map canonical fields to your columns, e.g. {user: question, assistant: answer, system: sys}.",
     )
     limit: int | None = Field(default=None, gt=0, description="Read at most this many rows (None = all).")
     weight: float = Field(default=1.0, gt=0, description="Mixing weight (1.0 = every kept row once).")
@@ -42,7 +46,37 @@ class SourceConfig(_Strict):
     def _one_origin(self) -> SourceConfig:
         if (self.path is None) == (self.builtin is None):
             raise ValueError(f"source '{self.name}': set exactly one of 'path' (a file or glob) or 'builtin' (chitchat, verifiable_tasks)")
+        if self.format == "columns" and not (self.columns and {"user", "assistant"} <= set(self.columns)):
+            raise ValueError(f"source '{self.name}': format=columns needs columns with at least 'user' and 'assistant' keys")
+        if self.columns and not set(self.columns) <= {"system", "user", "assistant"}:
+            raise ValueError(f"source '{self.name}': columns keys must be among system, user, assistant")
         return self
+
+
+class QualityConfig(_Strict):
+    """Conversation-aware quality filters (Gopher-style heuristics); each threshold None = off."""
+
+    max_duplicate_line_fraction: float | None = Field(
+        default=0.3, gt=0, le=1, description="Drop if more than this share of non-empty lines in assistant turns are repeats."
+    )
+    max_top_ngram_fraction: float | None = Field(
+        default=0.3, gt=0, le=1, description="Drop if the most frequent word 3-gram covers more than this share of assistant words."
+    )
+    repetition_min_words: int = Field(default=30, ge=1, description="The n-gram rule applies only to assistant text of at least this many words.")
+    min_alnum_fraction: float | None = Field(
+        default=0.25, ge=0, le=1, description="Drop if fewer than this share of assistant characters are letters or digits."
+    )
+    max_symbol_fraction: float | None = Field(
+        default=0.3, ge=0, le=1, description="Drop if more than this share of assistant characters are symbols (#, {, }, <, >, |, ...)."
+    )
+    placeholder_patterns: list[str] = Field(
+        default_factory=lambda: [r"^\s*(n/?a|none|null|todo|tbd|\.{3}|-+|\?+)\s*$", r"^\s*\[?(insert|placeholder)[^\]]*\]?\s*$"],
+        description="Regexes (case-insensitive) for assistant turns that are placeholders, not answers.",
+    )
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: [r"\bas an ai (language )?model\b", r"\bi('m| am) (sorry|unable)[^.]*\b(can('|no)t|unable to) (help|assist|provide)"],
+        description="Regexes (case-insensitive) for refusals/boilerplate in assistant turns; [] = off.",
+    )
 
 
 class CurateConfig(_Strict):
@@ -54,6 +88,8 @@ class CurateConfig(_Strict):
     min_turns: int | None = Field(default=2, ge=1, description="Drop conversations with fewer messages (None = off).")
     max_turns: int | None = Field(default=64, ge=1, description="Drop conversations with more messages (None = off).")
     dedup: bool = Field(default=True, description="Exact dedup on whitespace/case-normalized text, first row wins.")
+    max_row_bytes: int = Field(default=1_000_000, ge=1, description="Raw rows larger than this are quarantined unparsed (read_row_too_large).")
+    quality: QualityConfig = Field(default_factory=lambda: QualityConfig())
     heldout_fraction: float = Field(
         default=0.05, ge=0, lt=1, description="Share of rows set aside for held-out evaluation, chosen by content hash."
     )

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from sft_engine.config import CurateConfig, SourceConfig
+from sft_engine.config import CurateConfig, QualityConfig, SourceConfig
 from sft_engine.constants import ROLES
 from sft_engine.demo_data import builtin_rows
 
@@ -67,23 +67,91 @@ def _normalize_alpaca(obj: dict[str, Any]) -> tuple[list[dict[str, str]] | None,
     return msgs, None
 
 
-def normalize_row(obj: Any, fmt: str = "auto") -> tuple[list[dict[str, str]] | None, str | None]:
-    """Map one raw row (messages or Alpaca shape) to canonical messages, or return a drop reason."""
+# ShareGPT dumps use many speaker names; anything else stays as written and fails validation by name.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "prompter": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "model": "assistant", "bot": "assistant", "function_call": "assistant",
+    "system": "system",
+    "tool": "tool", "function": "tool", "function_response": "tool", "observation": "tool", "ipython": "tool",
+}
+
+
+def _normalize_sharegpt(turns: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    if not isinstance(turns, list):
+        return None, "normalize_bad_type"
+    out = []
+    for t in turns:
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            return None, "normalize_missing_field"
+        if not isinstance(t["from"], str) or not isinstance(t["value"], str):
+            return None, "normalize_bad_type"
+        speaker = t["from"].strip().lower()
+        out.append({"role": SHAREGPT_ROLES.get(speaker, speaker), "content": t["value"]})
+    return out, None
+
+
+def _normalize_prompt_completion(obj: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str | None]:
+    if "prompt" not in obj or "completion" not in obj:
+        return None, "normalize_missing_field"
+    parts = []
+    for value, role in ((obj["prompt"], "user"), (obj["completion"], "assistant")):
+        if isinstance(value, str):
+            parts.append([{"role": role, "content": value}])
+        else:
+            msgs, err = _normalize_messages(value)
+            if err is not None:
+                return None, err
+            parts.append(msgs)
+    return parts[0] + parts[1], None
+
+
+def _normalize_columns(obj: dict[str, Any], columns: dict[str, str]) -> tuple[list[dict[str, str]] | None, str | None]:
+    out = []
+    for role in ("system", "user", "assistant"):
+        col = columns.get(role)
+        if col is None or (role == "system" and not obj.get(col)):
+            continue
+        if col not in obj:
+            return None, "normalize_missing_field"
+        if not isinstance(obj[col], str):
+            return None, "normalize_bad_type"
+        out.append({"role": role, "content": obj[col]})
+    return out, None
+
+
+def normalize_row(obj: Any, fmt: str = "auto", columns: dict[str, str] | None = None) -> tuple[list[dict[str, str]] | None, str | None]:
+    """Map one raw row (messages, ShareGPT, Alpaca, prompt/completion or mapped columns) to canonical
+    messages, or return a ``normalize_*`` drop reason."""
     if not isinstance(obj, dict):
         return None, "normalize_not_an_object"
+    if fmt == "columns":
+        return _normalize_columns(obj, columns or {})
     if fmt == "messages" or (fmt == "auto" and "messages" in obj):
         if "messages" not in obj:
             return None, "normalize_missing_field"
         return _normalize_messages(obj["messages"])
+    if fmt == "sharegpt" or (fmt == "auto" and "conversations" in obj):
+        if "conversations" not in obj:
+            return None, "normalize_missing_field"
+        return _normalize_sharegpt(obj["conversations"])
     if fmt == "alpaca" or (fmt == "auto" and "instruction" in obj):
         return _normalize_alpaca(obj)
+    if fmt == "prompt_completion" or (fmt == "auto" and "prompt" in obj and "completion" in obj):
+        return _normalize_prompt_completion(obj)
     return None, "normalize_unknown_shape"
 
 
-def _raw_objects(path: Path) -> Iterable[tuple[Any, str | None, str]]:
-    """Yield (object or None, read error or None, raw preview) for each row of one file."""
+def _raw_objects(path: Path, max_row_bytes: int = 1_000_000) -> Iterable[tuple[Any, str | None, str]]:
+    """Yield (object or None, read error or None, raw preview) for each row of one file or HF datasets folder."""
     name = path.name.lower()
     try:
+        if path.is_dir():
+            from datasets import load_from_disk
+
+            for obj in load_from_disk(str(path)):
+                yield obj, None, ""
+            return
         if name.endswith(".parquet"):
             for obj in pl.read_parquet(path).to_dicts():
                 yield obj, None, ""
@@ -91,8 +159,8 @@ def _raw_objects(path: Path) -> Iterable[tuple[Any, str | None, str]]:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise SourceError(f"cannot read source file '{path}': {exc}") from exc
+    except (OSError, pl.exceptions.PolarsError, ValueError) as exc:
+        raise SourceError(f"cannot read source '{path}': {exc}") from exc
     if name.endswith(".json") or name.endswith(".json.gz"):
         try:
             arr = orjson.loads(data)
@@ -108,6 +176,9 @@ def _raw_objects(path: Path) -> Iterable[tuple[Any, str | None, str]]:
             yield None, "read_empty_line", ""
             continue
         preview = line[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
+        if len(line) > max_row_bytes:
+            yield None, "read_row_too_large", preview
+            continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -127,14 +198,14 @@ def source_files(source: SourceConfig) -> list[Path]:
     return files
 
 
-def read_source(source: SourceConfig, seed: int = 0) -> pl.DataFrame:
+def read_source(source: SourceConfig, seed: int = 0, max_row_bytes: int = 1_000_000) -> pl.DataFrame:
     """Read one source into the canonical schema; malformed rows carry a drop_reason instead of failing."""
     records: list[dict[str, Any]] = []
 
     def add(obj: Any, err: str | None, raw: str) -> None:
         msgs = None
         if err is None:
-            msgs, err = normalize_row(obj, source.format)
+            msgs, err = normalize_row(obj, source.format, source.columns)
             if err is not None and not raw:
                 raw = orjson.dumps(obj, default=str)[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
         records.append({"source": source.name, "row": len(records) + 1, "messages": msgs, "drop_reason": err, "raw": raw or None})
@@ -144,7 +215,7 @@ def read_source(source: SourceConfig, seed: int = 0) -> pl.DataFrame:
             add(obj, None, "")
     else:
         for path in source_files(source):
-            for obj, err, raw in _raw_objects(path):
+            for obj, err, raw in _raw_objects(path, max_row_bytes):
                 # Trailing newline of a JSONL file is not a row.
                 if err == "read_empty_line":
                     continue
@@ -215,6 +286,53 @@ def length_reason(cfg: CurateConfig) -> pl.Expr:
     return expr.otherwise(None)
 
 
+_SYMBOLS = r"[#{}<>|\\^~`@$%&*_\[\]]"
+
+
+def _assistant_text() -> pl.Expr:
+    turns = pl.col("messages").list.eval(
+        pl.element().filter(pl.element().struct.field("role") == "assistant").struct.field("content")
+    )
+    return turns.list.join("\n")
+
+
+def quality_reason(q: QualityConfig) -> pl.Expr:
+    """First failing quality rule on the assistant turns as ``quality_<rule>``, else null (thresholds None = off)."""
+    text = _assistant_text()
+    rules: list[tuple[pl.Expr, str]] = []
+    if q.placeholder_patterns:
+        pattern = "(?i)" + "|".join(f"(?:{p})" for p in q.placeholder_patterns)
+        turns = pl.col("messages").list.eval(
+            pl.element().filter(pl.element().struct.field("role") == "assistant").struct.field("content").str.contains(pattern)
+        )
+        rules.append((turns.list.any(), "quality_placeholder_answer"))
+    if q.refusal_patterns:
+        rules.append((text.str.contains("(?i)" + "|".join(f"(?:{p})" for p in q.refusal_patterns)), "quality_refusal"))
+    n_chars = text.str.len_chars()
+    if q.min_alnum_fraction is not None:
+        rules.append(((text.str.count_matches(r"[\p{L}\p{N}]") / n_chars) < q.min_alnum_fraction, "quality_low_alnum"))
+    if q.max_symbol_fraction is not None:
+        rules.append(((text.str.count_matches(_SYMBOLS) / n_chars) > q.max_symbol_fraction, "quality_symbols"))
+    if q.max_duplicate_line_fraction is not None:
+        lines = text.str.split("\n").list.eval(pl.element().str.strip_chars()).list.eval(pl.element().filter(pl.element() != ""))
+        dup = 1 - lines.list.n_unique() / lines.list.len()
+        rules.append(((lines.list.len() > 1) & (dup > q.max_duplicate_line_fraction), "quality_duplicate_lines"))
+    if q.max_top_ngram_fraction is not None:
+        words = text.str.to_lowercase().str.split(" ").list.eval(pl.element().filter(pl.element() != ""))
+        grams = words.list.eval(
+            pl.concat_str([pl.element(), pl.element().shift(-1), pl.element().shift(-2)], separator=" ").drop_nulls()
+        )
+        top = grams.list.eval(pl.element().value_counts().struct.field("count").max()).list.first()
+        share = top * 3 / words.list.len()
+        rules.append(((words.list.len() >= q.repetition_min_words) & (top > 1) & (share > q.max_top_ngram_fraction), "quality_top_ngram"))
+    if not rules:
+        return pl.lit(None, dtype=pl.String)
+    expr: Any = pl
+    for cond, reason in rules:
+        expr = expr.when(cond.fill_null(False)).then(pl.lit(reason))
+    return expr.otherwise(None)
+
+
 def _mark(reason: pl.Expr) -> pl.Expr:
     """Keep an earlier reason; set this step's reason only on rows still alive."""
     return pl.coalesce(pl.col("drop_reason"), reason)
@@ -229,6 +347,7 @@ def curate_frame(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.DataF
     lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
     lf = with_text_columns(lf)
     lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(length_reason(cfg)).otherwise(pl.col("drop_reason")))
+    lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(quality_reason(cfg.quality)).otherwise(pl.col("drop_reason")))
     if cfg.dedup:
         alive = pl.col("drop_reason").is_null()
         # Rank duplicates among surviving rows only, in a stable (source, row) order, so the first copy wins.
@@ -297,7 +416,7 @@ CANONICAL_COLUMNS = ["source", "row", "messages"]
 
 def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """Run curation end to end. Returns (train, heldout, rejected, stats)."""
-    frames = [read_source(s, seed) for s in cfg.sources]
+    frames = [read_source(s, seed, cfg.max_row_bytes) for s in cfg.sources]
     curated = curate_frame(pl.concat(frames), cfg, seed)
     kept = curated.filter(pl.col("drop_reason").is_null())
     train = mix_train(kept.filter(pl.col("split") == "train"), cfg.sources, seed)

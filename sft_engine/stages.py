@@ -50,8 +50,15 @@ def _source_digest(cfg: PipelineConfig) -> list[Any]:
         elif s.builtin is not None:
             out.append([s.name, s.builtin, __version__])
         else:
-            out.append([s.name, [[str(p), digest_file(p)] for p in source_files(s)]])
+            out.append([s.name, [[str(p), _path_digest(p)] for p in source_files(s)]])
     return out
+
+
+def _path_digest(path: Path) -> str:
+    """A file's digest, or for a folder (a saved HF dataset) the digest of every file inside."""
+    if path.is_dir():
+        return digest_json([[str(p.relative_to(path)), digest_file(p)] for p in sorted(path.rglob("*")) if p.is_file()])
+    return digest_file(path)
 
 
 def curate_key(cfg: PipelineConfig) -> str:

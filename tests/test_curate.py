@@ -154,3 +154,66 @@ def test_heldout_split_is_by_content_and_independent_of_mix(tmp_path: Path) -> N
     assert stats2["per_source"]["s"]["mixed_train_rows"] == 2 * kept_s
     assert stats2["per_source"]["o"]["mixed_train_rows"] == round(stats2["per_source"]["o"]["kept_train"] * 0.5)
     assert train2.height == stats2["rows_train_mixed"]
+
+
+def test_sharegpt_prompt_completion_and_column_mapping() -> None:
+    share = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                               {"from": "Observation", "value": "tool out"}, {"from": "bing", "value": "b"}]}
+    assert normalize_row(share) == (
+        _msgs(("system", "s"), ("user", "q"), ("assistant", "a"), ("tool", "tool out"), ("assistant", "b")), None
+    )
+    assert normalize_row({"conversations": [{"from": "narrator", "value": "x"}]}) == ([{"role": "narrator", "content": "x"}], None)
+    assert normalize_row({"conversations": [{"from": "human"}]}) == (None, "normalize_missing_field")
+    assert normalize_row({"prompt": "p", "completion": "c"}) == (_msgs(("user", "p"), ("assistant", "c")), None)
+    assert normalize_row({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}) == (
+        _msgs(("user", "p"), ("assistant", "c")), None
+    )
+    cols = {"user": "question", "assistant": "answer", "system": "sys"}
+    assert normalize_row({"question": "q", "answer": "a", "sys": ""}, "columns", cols) == (_msgs(("user", "q"), ("assistant", "a")), None)
+    assert normalize_row({"question": "q"}, "columns", cols) == (None, "normalize_missing_field")
+
+
+def test_hf_datasets_folder_source(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_list([{"prompt": "hi", "completion": "hello"}, {"prompt": "x", "completion": "y"}]).save_to_disk(str(tmp_path / "ds"))
+    df = read_source(CurateConfig(sources=[{"name": "hf", "path": str(tmp_path / "ds")}]).sources[0])
+    assert df["messages"].to_list()[0] == [{"role": "user", "content": "hi", "train": None}, {"role": "assistant", "content": "hello", "train": None}]
+
+
+def test_giant_row_is_quarantined_not_parsed(tmp_path: Path) -> None:
+    big = json.dumps({"messages": _msgs(("user", "x" * 10_000_000), ("assistant", "y"))}).encode()
+    ok = json.dumps({"messages": _msgs(("user", "fine?"), ("assistant", "fine."))}).encode()
+    src = _write_jsonl(tmp_path / "big.jsonl", [ok, big])
+    cfg = CurateConfig(sources=[{"name": "b", "path": str(src)}], heldout_fraction=0.0)
+    _, _, rejected, stats = curate(cfg)
+    assert rejected.select("row", "drop_reason").rows() == [(2, "read_row_too_large")]
+    assert len(rejected["raw"][0]) == 500
+    assert stats["rows_in"] == 2 and stats["rows_kept"] == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("N/A", "quality_placeholder_answer"),
+        ("As an AI language model, I cannot have opinions.", "quality_refusal"),
+        ("!!! ??? ... ,,, --- !!! ??? ...", "quality_low_alnum"),
+        ("ab{}cd<>ef||gh##", "quality_symbols"),
+        ("buy now\nbuy now\nbuy now\nlimited", "quality_duplicate_lines"),
+        (" ".join(["the cat sat"] * 12), "quality_top_ngram"),
+        ("A perfectly ordinary answer with enough words to be judged.", None),
+    ],
+)
+def test_quality_filters_name_the_rule(tmp_path: Path, answer: str, reason: str | None) -> None:
+    src = _write_jsonl(tmp_path / "q.jsonl", [json.dumps({"messages": _msgs(("user", "Question?"), ("assistant", answer))}).encode()])
+    cfg = CurateConfig(sources=[{"name": "q", "path": str(src)}], heldout_fraction=0.0)
+    train, _, rejected, _ = curate(cfg)
+    assert rejected["drop_reason"].to_list() == ([reason] if reason else [])
+    assert train.height == (0 if reason else 1)
+
+
+def test_quality_thresholds_set_to_none_are_off(tmp_path: Path) -> None:
+    src = _write_jsonl(tmp_path / "q.jsonl", [json.dumps({"messages": _msgs(("user", "Q?"), ("assistant", "N/A"))}).encode()])
+    cfg = CurateConfig(sources=[{"name": "q", "path": str(src)}], heldout_fraction=0.0, quality={"placeholder_patterns": []})
+    train, _, _, _ = curate(cfg)
+    assert train.height == 1
