@@ -79,6 +79,16 @@ class QualityConfig(_Strict):
     )
 
 
+class NearDedupConfig(_Strict):
+    """MinHash near-duplicate removal (defaults from the field: 5-gram words, 128 hashes, Jaccard 0.8)."""
+
+    enabled: bool = Field(default=True, description="Drop near-duplicates (reason dedup_near), keeping the first row of each cluster.")
+    threshold: float = Field(default=0.8, gt=0, le=1, description="Exact Jaccard (word n-gram sets) a candidate pair must reach.")
+    ngram: int = Field(default=5, ge=1, le=13, description="Words per shingle.")
+    num_perm: Literal[64, 128, 256] = Field(default=128, description="Sketch size (one-permutation MinHash bins).")
+    bands: int = Field(default=16, ge=1, description="LSH bands; num_perm / bands rows each (16 x 8: candidate S-curve at ~0.71).")
+
+
 class CurateConfig(_Strict):
     """Curation: read, normalize, validate, dedup, filter, split."""
 
@@ -88,6 +98,7 @@ class CurateConfig(_Strict):
     min_turns: int | None = Field(default=2, ge=1, description="Drop conversations with fewer messages (None = off).")
     max_turns: int | None = Field(default=64, ge=1, description="Drop conversations with more messages (None = off).")
     dedup: bool = Field(default=True, description="Exact dedup on whitespace/case-normalized text, first row wins.")
+    near_dedup: NearDedupConfig = Field(default_factory=lambda: NearDedupConfig())
     max_row_bytes: int = Field(default=1_000_000, ge=1, description="Raw rows larger than this are quarantined unparsed (read_row_too_large).")
     quality: QualityConfig = Field(default_factory=lambda: QualityConfig())
     heldout_fraction: float = Field(

@@ -18,12 +18,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import polars as pl
 
 from sft_engine.config import CurateConfig, QualityConfig, SourceConfig
 from sft_engine.constants import ROLES
 from sft_engine.demo_data import builtin_rows
+from sft_engine.near_dedup import near_duplicates
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String, "train": pl.Boolean})
 SCHEMA = {"source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "drop_reason": pl.String, "raw": pl.String}
@@ -338,10 +340,36 @@ def _mark(reason: pl.Expr) -> pl.Expr:
     return pl.coalesce(pl.col("drop_reason"), reason)
 
 
-def curate_frame(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.DataFrame:
-    """Apply validation, length filters, exact dedup and the held-out split to canonical rows.
+def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int) -> tuple[pl.LazyFrame, dict[str, Any]]:
+    """Mark near-duplicates among surviving rows as ``dedup_near``, with ``dup_of`` = 'source:row' of the kept row."""
+    alive = df.filter(pl.col("drop_reason").is_null())
+    nd = cfg.near_dedup
+    res = near_duplicates(alive["norm_text"], nd.threshold, nd.ngram, nd.num_perm, nd.bands, seed)
+    head = res.duplicate_of
+    label = (alive["source"] + ":" + alive["row"].cast(pl.String)).to_numpy()
+    marks = pl.DataFrame({
+        "_order": alive["_order"].filter(pl.Series(head >= 0)),
+        "_near_of": label[head[head >= 0]] if (head >= 0).any() else np.array([], dtype=str),
+    }, schema={"_order": df.schema["_order"], "_near_of": pl.String})
+    out = df.join(marks, on="_order", how="left").with_columns(
+        drop_reason=pl.when(pl.col("_near_of").is_not_null()).then(pl.lit("dedup_near")).otherwise(pl.col("drop_reason")),
+        dup_of=pl.coalesce(pl.col("_near_of"), pl.col("dup_of")),
+    ).drop("_near_of")
+    info = {
+        "candidates": res.candidates,
+        "verified_pairs": res.verified,
+        "lsh_threshold": res.lsh_threshold,
+        "threshold": nd.threshold,
+        "cluster_sizes": res.cluster_sizes,
+    }
+    return out.lazy(), info
 
-    Returns every input row with ``drop_reason`` (null = kept) and ``split`` ('train'/'heldout').
+
+def curate_frame(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Apply validation, length and quality filters, exact and near dedup, and the held-out split.
+
+    Returns every input row with ``drop_reason`` (null = kept), ``dup_of`` and ``split``
+    ('train'/'heldout'), plus the near-dedup report.
     """
     lf = df.lazy().with_row_index("_order")
     lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
@@ -353,12 +381,16 @@ def curate_frame(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.DataF
         # Rank duplicates among surviving rows only, in a stable (source, row) order, so the first copy wins.
         first = pl.col("_order") == pl.col("_order").filter(alive).min().over("norm_text")
         lf = lf.with_columns(drop_reason=pl.when(alive & ~first).then(pl.lit("dedup_exact")).otherwise(pl.col("drop_reason")))
+    lf = lf.with_columns(dup_of=pl.lit(None, dtype=pl.String))
+    near_info: dict[str, Any] = {}
+    if cfg.near_dedup.enabled:
+        lf, near_info = _near_dedup(lf.collect(), cfg, seed)
     threshold = int(cfg.heldout_fraction * 10_000)
     # Split by content hash, seeded: fixed whatever the mix, so held-out items never move into training.
     lf = lf.with_columns(
         split=pl.when((pl.col("norm_text").hash(seed=seed) % 10_000) < threshold).then(pl.lit("heldout")).otherwise(pl.lit("train"))
     )
-    return lf.sort("_order").drop("_order").collect()
+    return lf.sort("_order").drop("_order").collect(), near_info
 
 
 def mix_train(kept: pl.DataFrame, sources: list[SourceConfig], seed: int) -> pl.DataFrame:
@@ -417,10 +449,11 @@ CANONICAL_COLUMNS = ["source", "row", "messages"]
 def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """Run curation end to end. Returns (train, heldout, rejected, stats)."""
     frames = [read_source(s, seed, cfg.max_row_bytes) for s in cfg.sources]
-    curated = curate_frame(pl.concat(frames), cfg, seed)
+    curated, near_info = curate_frame(pl.concat(frames), cfg, seed)
     kept = curated.filter(pl.col("drop_reason").is_null())
     train = mix_train(kept.filter(pl.col("split") == "train"), cfg.sources, seed)
     heldout = kept.filter(pl.col("split") == "heldout")
-    rejected = curated.filter(pl.col("drop_reason").is_not_null()).select(["source", "row", "drop_reason", "raw", "messages"])
+    rejected = curated.filter(pl.col("drop_reason").is_not_null()).select(["source", "row", "drop_reason", "dup_of", "raw", "messages"])
     stats = curation_stats(curated, train)
+    stats["near_dedup"] = near_info
     return train.select(CANONICAL_COLUMNS), heldout.select(CANONICAL_COLUMNS), rejected, stats

@@ -113,6 +113,8 @@ def run_curate(cfg: PipelineConfig) -> StageOutput:
         chars = train.select(pl.col("messages").list.eval(pl.element().struct.field("content").str.len_chars()).list.sum())
         plots.histogram(chars.to_series().to_list(), tmp / "train_chars.png", "Curated train conversations", "characters")
         plots.bar_counts(stats["dropped_by_reason"], tmp / "drop_reasons.png", "Rows dropped by reason")
+        if stats.get("near_dedup", {}).get("cluster_sizes"):
+            plots.histogram(stats["near_dedup"]["cluster_sizes"], tmp / "near_dup_clusters.png", "Near-duplicate clusters", "rows per cluster")
     return StageOutput(out, reused=False)
 
 

@@ -50,6 +50,8 @@ def curate_task(cfg: PipelineConfig, parent_run_id: str | None = None) -> Path:
         stats = read_json(out / "stats.json")
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         metrics.update({f"dropped.{r}": n for r, n in stats["dropped_by_reason"].items()})
+        near = stats.get("near_dedup") or {}
+        metrics.update({f"near_dedup.{k}": v for k, v in near.items() if isinstance(v, (int, float))})
         for src, s in stats["per_source"].items():
             metrics.update({f"source.{src}.{k}": v for k, v in s.items() if isinstance(v, (int, float))})
         tracking.log_metrics(client, run_id, metrics)
