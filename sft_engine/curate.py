@@ -365,17 +365,23 @@ def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int) -> tuple[pl.Lazy
     return out.lazy(), info
 
 
-def curate_frame(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Apply validation, length and quality filters, exact and near dedup, and the held-out split.
+def check_rows(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
+    """Row-local steps (validation, length and quality filters) on one source; cacheable per source."""
+    lf = df.lazy()
+    lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
+    lf = with_text_columns(lf)
+    lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(length_reason(cfg)).otherwise(pl.col("drop_reason")))
+    lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(quality_reason(cfg.quality)).otherwise(pl.col("drop_reason")))
+    return lf.collect()
+
+
+def dedup_and_split(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Global steps over all checked sources: exact and near dedup, then the held-out split.
 
     Returns every input row with ``drop_reason`` (null = kept), ``dup_of`` and ``split``
     ('train'/'heldout'), plus the near-dedup report.
     """
     lf = df.lazy().with_row_index("_order")
-    lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
-    lf = with_text_columns(lf)
-    lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(length_reason(cfg)).otherwise(pl.col("drop_reason")))
-    lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(quality_reason(cfg.quality)).otherwise(pl.col("drop_reason")))
     if cfg.dedup:
         alive = pl.col("drop_reason").is_null()
         # Rank duplicates among surviving rows only, in a stable (source, row) order, so the first copy wins.
@@ -446,10 +452,10 @@ def curation_stats(curated: pl.DataFrame, mixed: pl.DataFrame) -> dict[str, Any]
 CANONICAL_COLUMNS = ["source", "row", "messages"]
 
 
-def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
-    """Run curation end to end. Returns (train, heldout, rejected, stats)."""
-    frames = [read_source(s, seed, cfg.max_row_bytes) for s in cfg.sources]
-    curated, near_info = curate_frame(pl.concat(frames), cfg, seed)
+def finalize(
+    curated: pl.DataFrame, near_info: dict[str, Any], cfg: CurateConfig, seed: int = 0
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """Mix the kept train rows by source weight; return (train, heldout, rejected, stats)."""
     kept = curated.filter(pl.col("drop_reason").is_null())
     train = mix_train(kept.filter(pl.col("split") == "train"), cfg.sources, seed)
     heldout = kept.filter(pl.col("split") == "heldout")
@@ -457,3 +463,10 @@ def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame
     stats = curation_stats(curated, train)
     stats["near_dedup"] = near_info
     return train.select(CANONICAL_COLUMNS), heldout.select(CANONICAL_COLUMNS), rejected, stats
+
+
+def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """Run curation end to end in memory. Returns (train, heldout, rejected, stats)."""
+    checked = pl.concat([check_rows(read_source(s, seed, cfg.max_row_bytes), cfg) for s in cfg.sources])
+    curated, near_info = dedup_and_split(checked, cfg, seed)
+    return finalize(curated, near_info, cfg, seed)

@@ -18,9 +18,9 @@ from typing import Any
 import polars as pl
 
 from sft_engine import plots
-from sft_engine.config import PipelineConfig, config_to_dict
+from sft_engine.config import PipelineConfig, SourceConfig, config_to_dict
 from sft_engine import __version__
-from sft_engine.curate import curate, source_files
+from sft_engine.curate import check_rows, dedup_and_split, finalize, read_source, source_files
 from sft_engine.data import prepare_split
 from sft_engine.evaluate import generate_samples, heldout_loss
 from sft_engine.train import TrainResult, deepspeed_config, train
@@ -41,17 +41,13 @@ class StageOutput:
 # ---- keys -------------------------------------------------------------------------------------
 
 
-def _source_digest(cfg: PipelineConfig) -> list[Any]:
-    """Content identity of every source: file digests, or the generator's package version."""
-    out: list[Any] = []
-    for s in cfg.curate.sources:
-        if s.builtin == "chitchat":
-            out.append([s.name, s.builtin, importlib.metadata.version("chitchat-dataset")])
-        elif s.builtin is not None:
-            out.append([s.name, s.builtin, __version__])
-        else:
-            out.append([s.name, [[str(p), _path_digest(p)] for p in source_files(s)]])
-    return out
+def _source_identity(cfg: PipelineConfig, s: SourceConfig) -> Any:
+    """Content identity of a source: file digests, or the generator's package version."""
+    if s.builtin == "chitchat":
+        return [s.builtin, importlib.metadata.version("chitchat-dataset")]
+    if s.builtin is not None:
+        return [s.builtin, __version__]
+    return [[str(p), _path_digest(p)] for p in source_files(s)]
 
 
 def _path_digest(path: Path) -> str:
@@ -61,8 +57,30 @@ def _path_digest(path: Path) -> str:
     return digest_file(path)
 
 
+# Curation config that row-local checks depend on; dedup, split and mixing settings are not in it.
+_ROW_KEYS = ("min_chars", "max_chars", "min_turns", "max_turns", "max_row_bytes", "quality")
+
+
+def source_key(cfg: PipelineConfig, s: SourceConfig) -> str:
+    """Key of one source's row-local curation: its content, its reading options, the row checks. Not its weight."""
+    row_cfg = {k: v for k, v in config_to_dict(cfg.curate).items() if k in _ROW_KEYS}
+    source = {k: v for k, v in config_to_dict(s).items() if k != "weight"}
+    return digest_json({"source": source, "identity": _source_identity(cfg, s), "checks": row_cfg, "seed": cfg.seed, "v": __version__})
+
+
+def dedup_key(cfg: PipelineConfig) -> str:
+    """Key of the global dedup + split: every source's key and the dedup/split settings. Not the weights."""
+    c = config_to_dict(cfg.curate)
+    return digest_json({
+        "sources": [source_key(cfg, s) for s in cfg.curate.sources],
+        "dedup": [c["dedup"], c["near_dedup"], c["heldout_fraction"]],
+        "seed": cfg.seed,
+    })
+
+
 def curate_key(cfg: PipelineConfig) -> str:
-    return digest_json({"curate": config_to_dict(cfg.curate), "seed": cfg.seed, "sources": _source_digest(cfg)})
+    """Key of the final curated splits: the dedup key plus the mix weights."""
+    return digest_json({"dedup": dedup_key(cfg), "weights": [[s.name, s.weight] for s in cfg.curate.sources], "seed": cfg.seed})
 
 
 def _folder_digest(folder: Path, names: list[str]) -> str:
@@ -99,11 +117,39 @@ def evaluate_key(cfg: PipelineConfig, prepared: Path, model_dir: Path, curated: 
 
 
 def run_curate(cfg: PipelineConfig) -> StageOutput:
-    """Curate the configured sources into train/heldout/rejected Parquet files plus stats."""
+    """Curate the configured sources into train/heldout/rejected Parquet files plus stats.
+
+    Three cached levels, so a curator changing one source or only the mix weights redoes only
+    what changed: per-source row checks (``curate_sources/``), the global dedup + split
+    (``curate_dedup/``), and the mixed splits (``curate/``).
+    """
     out = stage_dir(cfg.work_dir, "curate", curate_key(cfg))
     if is_complete(out):
         return StageOutput(out, reused=True)
-    train, heldout, rejected, stats = curate(cfg.curate, cfg.seed)
+    cache: dict[str, Any] = {"sources_reused": [], "sources_computed": []}
+    dedup_dir = stage_dir(cfg.work_dir, "curate_dedup", dedup_key(cfg))
+    if is_complete(dedup_dir):
+        cache["dedup_reused"] = True
+    else:
+        cache["dedup_reused"] = False
+        parts = []
+        for s in cfg.curate.sources:
+            src_dir = stage_dir(cfg.work_dir, "curate_sources", f"{s.name}-{source_key(cfg, s)}")
+            if is_complete(src_dir):
+                cache["sources_reused"].append(s.name)
+            else:
+                checked = check_rows(read_source(s, cfg.seed, cfg.curate.max_row_bytes), cfg.curate)
+                with atomic_dir(src_dir) as tmp:
+                    checked.write_parquet(tmp / "rows.parquet")
+                cache["sources_computed"].append(s.name)
+            parts.append(pl.read_parquet(src_dir / "rows.parquet"))
+        curated, near_info = dedup_and_split(pl.concat(parts), cfg.curate, cfg.seed)
+        with atomic_dir(dedup_dir) as tmp:
+            curated.write_parquet(tmp / "curated.parquet")
+            write_json_atomic(tmp / "near_dedup.json", near_info)
+    curated = pl.read_parquet(dedup_dir / "curated.parquet")
+    train, heldout, rejected, stats = finalize(curated, read_json(dedup_dir / "near_dedup.json"), cfg.curate, cfg.seed)
+    stats["cache"] = cache
     with atomic_dir(out) as tmp:
         train.write_parquet(tmp / "train.parquet")
         heldout.write_parquet(tmp / "heldout.parquet")

@@ -217,3 +217,22 @@ def test_quality_thresholds_set_to_none_are_off(tmp_path: Path) -> None:
     cfg = CurateConfig(sources=[{"name": "q", "path": str(src)}], heldout_fraction=0.0, quality={"placeholder_patterns": []})
     train, _, _, _ = curate(cfg)
     assert train.height == 1
+
+
+def test_changing_one_weight_reuses_per_source_and_dedup_work(tmp_path: Path) -> None:
+    from sft_engine import stages
+    from sft_engine.config import load_config
+
+    base = [f"work_dir={tmp_path}", "curate.sources=[{name: a, builtin: verifiable_tasks, limit: 300}, {name: b, builtin: chitchat, limit: 100}]"]
+    first = stages.run_curate(load_config(None, base))
+    s1 = json.loads((first.path / "stats.json").read_text())
+    assert s1["cache"] == {"sources_reused": [], "sources_computed": ["a", "b"], "dedup_reused": False}
+    reweighted = stages.run_curate(load_config(None, [*base, "curate.sources.0.weight=2.0"]))
+    s2 = json.loads((reweighted.path / "stats.json").read_text())
+    assert reweighted.path != first.path and s2["cache"]["dedup_reused"] is True
+    assert s2["per_source"]["a"]["mixed_train_rows"] == 2 * s1["per_source"]["a"]["mixed_train_rows"]
+    # Changing one source's limit recomputes that source only.
+    changed = stages.run_curate(load_config(None, [*base, "curate.sources.1.limit=90"]))
+    s3 = json.loads((changed.path / "stats.json").read_text())
+    assert s3["cache"] == {"sources_reused": ["a"], "sources_computed": ["b"], "dedup_reused": False}
+    assert stages.run_curate(load_config(None, base)).reused
