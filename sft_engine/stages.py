@@ -154,11 +154,21 @@ def run_curate(cfg: PipelineConfig) -> StageOutput:
         train.write_parquet(tmp / "train.parquet")
         heldout.write_parquet(tmp / "heldout.parquet")
         rejected.write_parquet(tmp / "rejected.parquet")
-        write_json_atomic(tmp / "stats.json", stats)
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
-        chars = train.select(pl.col("messages").list.eval(pl.element().struct.field("content").str.len_chars()).list.sum())
-        plots.histogram(chars.to_series().to_list(), tmp / "train_chars.png", "Curated train conversations", "characters")
+        plots.overlaid_histograms(
+            {
+                "read": curated["n_chars"].drop_nulls().to_list(),
+                "kept": curated.filter(pl.col("drop_reason").is_null())["n_chars"].to_list(),
+            },
+            tmp / "lengths_before_after.png", "Conversation length before and after curation", "characters",
+        )
         plots.bar_counts(stats["dropped_by_reason"], tmp / "drop_reasons.png", "Rows dropped by reason")
+        plots.bar_counts(
+            {name: st["mixed_train_rows"] for name, st in stats["per_source"].items()}, tmp / "source_share.png",
+            "Train rows per source after mixing",
+        )
+        stats["digest"] = _folder_digest(tmp, ["train.parquet", "heldout.parquet"])
+        write_json_atomic(tmp / "stats.json", stats)
         if stats.get("near_dedup", {}).get("cluster_sizes"):
             plots.histogram(stats["near_dedup"]["cluster_sizes"], tmp / "near_dup_clusters.png", "Near-duplicate clusters", "rows per cluster")
     return StageOutput(out, reused=False)

@@ -56,6 +56,7 @@ def curate_task(cfg: PipelineConfig, parent_run_id: str | None = None) -> Path:
             metrics.update({f"source.{src}.{k}": v for k, v in s.items() if isinstance(v, (int, float))})
         tracking.log_metrics(client, run_id, metrics)
         tracking.log_files(client, run_id, out)
+        tracking.log_dataset(client, run_id, "curated", stats["digest"], out, {"rows_train": stats["rows_train_mixed"]})
         _cached_tag(client, run_id, res)
         log.info(
             "curate: %d rows in, %d kept (%d train, %d held out), %d dropped %s%s",
@@ -85,6 +86,7 @@ def prepare_task(cfg: PipelineConfig, curated: Path, parent_run_id: str | None =
         tracking.log_metrics(client, run_id, metrics)
         tracking.log_files(client, run_id, out)
         client.set_tag(run_id, "packed_digest", manifest["digest"])
+        tracking.log_dataset(client, run_id, "packed", manifest["digest"], out, {"rows": manifest["splits"]["train"]["rows_packed"]})
         _cached_tag(client, run_id, res)
         train = manifest["splits"]["train"]
         log.info(

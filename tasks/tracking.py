@@ -7,6 +7,7 @@ Runs are driven through ``MlflowClient`` with explicit run ids rather than MLflo
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 import subprocess
@@ -125,6 +126,14 @@ def register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -
         pass
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     return client.create_model_version(name, source, run_id=run_id).version
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, folder: Path, profile: dict[str, Any]) -> None:
+    """Record a stage output as an MLflow dataset input, identified by our own content digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=str(folder.resolve()), profile=json.dumps(profile))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 
 
 def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:

@@ -51,7 +51,10 @@ def test_pipeline_flow_end_to_end_and_rerun_reuses_stages(prefect_server, tiny_m
     assert ev["delta_loss"] == pytest.approx(ev["tuned.loss"] - ev["base.loss"])
 
     artifacts = {a.path for a in client.list_artifacts(by_stage["curate"].info.run_id)}
-    assert {"stats.json", "drop_reasons.png", "config.json"} <= artifacts
+    assert {"stats.json", "drop_reasons.png", "config.json", "lengths_before_after.png", "source_share.png"} <= artifacts
+    curated_stats = json.loads((Path(result["curated"]) / "stats.json").read_text())
+    inputs = client.get_run(by_stage["curate"].info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("curated", curated_stats["digest"][:36])]
     assert (Path(result["model"]) / "model.safetensors").is_file()
     stats = json.loads((Path(result["curated"]) / "stats.json").read_text())
     assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped_by_reason"].values())
