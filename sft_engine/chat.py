@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
 from sft_engine.config import MaskStrategy
 from sft_engine.constants import IGNORE_INDEX
@@ -195,26 +195,22 @@ def _fill(skel: _Skeleton, contents: list[str], text: str) -> list[tuple[int, in
 
 
 def _render_each(tokenizer: PreTrainedTokenizerBase, convs: list[list[dict[str, Any]]]) -> list[str | None]:
-    """Render a batch in one call; if the template rejects any conversation (raise_exception), render
-    one by one so only the rejected ones come back as None."""
-    if not convs:
-        return []
-    try:
-        texts, _ = _render(tokenizer, convs)
-        return list(texts)
-    except TemplateError:
-        raise
-    except Exception:
-        out: list[str | None] = []
-        for conv in convs:
-            try:
-                (text,), _ = _render(tokenizer, [conv])
-                out.append(text)
-            except TemplateError:
-                raise
-            except Exception:
-                out.append(None)
-        return out
+    """Render each conversation with the template compiled in transformers' immutable sandbox, called
+    directly (transformers' per-call wrapper costs more than the rendering itself on short chats).
+    A conversation the template rejects (raise_exception) comes back as None.
+
+    The texts are only trusted through ``_fill``: each must equal its structure's skeleton, which
+    comes from transformers' full renderer, or the conversation is re-rendered by it.
+    """
+    compiled = _compile_jinja_template(_template(tokenizer))
+    special = tokenizer.special_tokens_map
+    out: list[str | None] = []
+    for conv in convs:
+        try:
+            out.append(compiled.render(messages=conv, add_generation_prompt=False, **special))
+        except Exception:
+            out.append(None)
+    return out
 
 
 def render_batch(
@@ -234,8 +230,13 @@ def render_batch(
     out: list[Rendered | str] = []
     for msgs, text in zip(conversations, texts, strict=True):
         if text is None:
-            out.append("mask_template_rejected")
-            continue
+            try:
+                (text,), _ = _render(tokenizer, [[{"role": m["role"], "content": m["content"]} for m in msgs]])
+            except TemplateError:
+                raise
+            except Exception:
+                out.append("mask_template_rejected")
+                continue
         if strategy is MaskStrategy.EVERYTHING:
             out.append(Rendered(text, [(0, len(text))]))
             continue
@@ -280,20 +281,15 @@ class Tokenized:
     drop_reason: list[str | None]
 
 
-def tokenize_conversations(
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict[str, Any]]],
-    strategy: MaskStrategy = MaskStrategy.ALL_ASSISTANT,
-) -> Tokenized:
-    """Render, tokenize in one fast-tokenizer batch call (all cores), and build labels for each conversation.
-
-    A conversation that the template cannot mask, or whose labels are all ignored, gets a
-    ``mask_*`` drop reason instead of being trained on silently.
-    """
-    rendered = render_batch(tokenizer, conversations, strategy)
-    reasons: list[str | None] = [r if isinstance(r, str) else None for r in rendered]
+def encode_rendered(tokenizer: PreTrainedTokenizerBase, rendered: list[Rendered | str]) -> list[Any]:
+    """One fast-tokenizer batch call over rendered texts (Rust, all cores, the GIL released)."""
     texts = [r.text if isinstance(r, Rendered) else "" for r in rendered]
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+
+
+def label_encoded(rendered: list[Rendered | str], encodings: list[Any]) -> Tokenized:
+    """Input ids and labels from encodings; a row without a supervised token gets ``mask_no_supervised_tokens``."""
+    reasons: list[str | None] = [r if isinstance(r, str) else None for r in rendered]
     ids_out, labels_out = [], []
     for i, (r, enc) in enumerate(zip(rendered, encodings, strict=True)):
         ids = np.asarray(enc.ids, dtype=np.int64)
@@ -310,6 +306,20 @@ def tokenize_conversations(
         ids_out.append(ids)
         labels_out.append(labels)
     return Tokenized(ids_out, labels_out, reasons)
+
+
+def tokenize_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, Any]]],
+    strategy: MaskStrategy = MaskStrategy.ALL_ASSISTANT,
+) -> Tokenized:
+    """Render, tokenize in one fast-tokenizer batch call (all cores), and build labels for each conversation.
+
+    A conversation that the template cannot mask, or whose labels are all ignored, gets a
+    ``mask_*`` drop reason instead of being trained on silently.
+    """
+    rendered = render_batch(tokenizer, conversations, strategy)
+    return label_encoded(rendered, encode_rendered(tokenizer, rendered))
 
 
 def mask_preview(

@@ -8,6 +8,7 @@ counts, fill and the digest of everything they were made from.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sft_engine.chat import tokenize_conversations
+from sft_engine.chat import encode_rendered, label_encoded, render_batch
 from sft_engine.config import PrepareConfig
 from sft_engine.constants import IGNORE_INDEX
 from sft_engine.packing import pack_rows, plan_packing, position_ids_from_lens
@@ -55,19 +56,37 @@ TOKENIZED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa
 def tokenize_to_arrow(
     parquet_path: Path, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig, dest: Path, progress: Any = None
 ) -> tuple[np.ndarray, list[str | None]]:
-    """Tokenize a curated split batch by batch into an Arrow file; returns lengths and drop reasons."""
+    """Tokenize a curated split batch by batch into an Arrow file; returns lengths and drop reasons.
+
+    Three steps overlap: while the main thread tokenizes batch k (Rust, GIL released, all cores),
+    one worker thread labels and writes batch k-1 and renders batch k+1 (Python).
+    """
     lengths: list[np.ndarray] = []
     reasons: list[str | None] = []
-    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, TOKENIZED_SCHEMA) as writer:
-        for convs in iter_conversations(parquet_path, cfg.tokenize_batch_size):
-            tok = tokenize_conversations(tokenizer, convs, cfg.mask)
-            writer.write_batch(
-                pa.record_batch([_list_array(tok.input_ids), _list_array(tok.labels)], schema=TOKENIZED_SCHEMA)
-            )
-            lengths.append(np.fromiter((len(x) for x in tok.input_ids), dtype=np.int64, count=len(tok.input_ids)))
-            reasons += tok.drop_reason
-            if progress is not None:
-                progress(len(convs))
+
+    def finish(rendered: list[Any], encodings: list[Any], writer: Any) -> None:
+        tok = label_encoded(rendered, encodings)
+        writer.write_batch(pa.record_batch([_list_array(tok.input_ids), _list_array(tok.labels)], schema=TOKENIZED_SCHEMA))
+        lengths.append(np.fromiter((len(x) for x in tok.input_ids), dtype=np.int64, count=len(tok.input_ids)))
+        reasons.extend(tok.drop_reason)
+        if progress is not None:
+            progress(len(rendered))
+
+    batches = iter_conversations(parquet_path, cfg.tokenize_batch_size)
+    with ThreadPoolExecutor(max_workers=1) as pool, pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, TOKENIZED_SCHEMA) as writer:
+        convs = next(batches, None)
+        ahead = pool.submit(render_batch, tokenizer, convs, cfg.mask) if convs is not None else None
+        behind = None
+        while ahead is not None:
+            rendered = ahead.result()
+            nxt = next(batches, None)
+            ahead = pool.submit(render_batch, tokenizer, nxt, cfg.mask) if nxt is not None else None
+            encodings = encode_rendered(tokenizer, rendered)
+            if behind is not None:
+                behind.result()
+            behind = pool.submit(finish, rendered, encodings, writer)
+        if behind is not None:
+            behind.result()
     return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), reasons
 
 
