@@ -107,3 +107,29 @@ def test_packing_without_position_ids_would_leak(tiny_model) -> None:
         isolated = token_loss_sum(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits, batch["labels"])
         leaking = token_loss_sum(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
     assert not torch.allclose(isolated, leaking, atol=1e-4)
+
+
+def test_per_sample_loss_on_packed_rows_equals_mean_of_unpacked_sample_means(tiny_model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sft_engine.loss import sample_count, sample_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for n in (6, 11, 4):
+        ids = torch.randint(3, model.config.vocab_size, (n,), generator=g).numpy()
+        lab = ids.copy()
+        lab[:2] = IGNORE_INDEX
+        samples.append((ids, lab))
+    with torch.no_grad():
+        means = []
+        for ids, lab in samples:
+            logits = model(input_ids=torch.tensor(ids)[None], use_cache=False).logits
+            means.append(token_loss_sum(logits, torch.tensor(lab)[None]) / supervised_count(torch.tensor(lab)[None]))
+        rows = pack_rows([s[0] for s in samples], [s[1] for s in samples], [[0, 1, 2]], max_seq_len=24, pad_id=0)
+        batch = collate([_first_row(rows)])
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        total, n_samples = sample_loss_sum(logits, batch["labels"], batch["position_ids"])
+    assert n_samples == 3 == sample_count(batch["labels"], batch["position_ids"])
+    assert torch.allclose(total / n_samples, torch.stack(means).mean(), atol=1e-5)
