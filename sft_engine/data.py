@@ -7,6 +7,7 @@ counts, fill and the digest of everything they were made from.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,10 +92,17 @@ def tokenize_to_arrow(
 
 
 class _Samples:
-    """Random access to tokenized samples in a memory-mapped Arrow file."""
+    """Random access to tokenized samples in a memory-mapped Arrow file.
+
+    ``release()`` drops the mapped pages from this process's resident set (the file is read-only,
+    so they are re-read from the page cache when touched again): packing visits samples in
+    best-fit order, all over the file, and without it resident memory would grow with the data.
+    """
 
     def __init__(self, path: Path) -> None:
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        self._file = open(path, "rb")  # noqa: SIM115 - lives as long as the mapping
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        table = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._map))).read_all()
         self._cols = {}
         for name in ("input_ids", "labels"):
             chunks = table.column(name).chunks
@@ -107,6 +115,10 @@ class _Samples:
         offsets, values = self._cols[name][c]
         j = i - int(self._chunk_start[c])
         return values[offsets[j] : offsets[j + 1]]
+
+    def release(self) -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -166,6 +178,7 @@ def prepare_split(
             supervised += int(sum(int((lab != IGNORE_INDEX).sum()) for lab in rows["labels"]))
             columns = [_list_array(rows[k]) for k in ("input_ids", "labels", "seq_lens")]
             writer.write_batch(pa.record_batch([*columns, pa.array(rows["num_pad"], pa.int32())], schema=PACKED_SCHEMA))
+            samples.release()
     del samples
     tmp.unlink()
     stats = SplitStats(

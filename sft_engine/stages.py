@@ -28,6 +28,7 @@ from sft_engine.io import atomic_dir, digest_file, digest_json, is_complete, rea
 from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
 
 StepCallback = Callable[[int, dict[str, float]], None]
+ROW_GROUP = 8192
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,9 @@ def run_curate(cfg: PipelineConfig) -> StageOutput:
     train, heldout, rejected, stats = finalize(curated, read_json(dedup_dir / "near_dedup.json"), cfg.curate, cfg.seed)
     stats["cache"] = cache
     with atomic_dir(out) as tmp:
-        train.write_parquet(tmp / "train.parquet")
-        heldout.write_parquet(tmp / "heldout.parquet")
+        # Small row groups let preparation stream the splits batch by batch.
+        train.write_parquet(tmp / "train.parquet", row_group_size=ROW_GROUP)
+        heldout.write_parquet(tmp / "heldout.parquet", row_group_size=ROW_GROUP)
         rejected.write_parquet(tmp / "rejected.parquet")
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
         plots.overlaid_histograms(
