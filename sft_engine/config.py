@@ -89,6 +89,32 @@ class NearDedupConfig(_Strict):
     bands: int = Field(default=16, ge=1, description="LSH bands; num_perm / bands rows each (16 x 8: candidate S-curve at ~0.71).")
 
 
+class EvalSetConfig(_Strict):
+    """An evaluation set to decontaminate against: a JSONL/JSON/Parquet file, or a built-in set."""
+
+    name: str = Field(description="Name used in drop reasons and reports (decontam_<name>).")
+    path: str | None = Field(default=None, description="File with one item per row.")
+    builtin: Literal["verifiable_tasks_eval"] | None = Field(default=None, description="The project's own held-out task set.")
+    fields: list[str] = Field(
+        default_factory=lambda: ["question", "prompt", "instruction", "input", "text", "answer", "output"],
+        description="Text fields of an item that are checked (those present are joined).",
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> EvalSetConfig:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError(f"eval set '{self.name}': set exactly one of 'path' or 'builtin' (verifiable_tasks_eval)")
+        return self
+
+
+class DecontamConfig(_Strict):
+    """Decontamination: conversations sharing a word n-gram with an eval item are dropped or flagged."""
+
+    ngram: int = Field(default=13, ge=8, le=13, description="Words per n-gram (8-13); items shorter than this match whole.")
+    action: Literal["drop", "flag"] = Field(default="drop", description="drop = reason decontam_<set>; flag = keep, record the match.")
+    eval_sets: list[EvalSetConfig] = Field(default_factory=list, description="Eval sets to check against ([] = off).")
+
+
 class CurateConfig(_Strict):
     """Curation: read, normalize, validate, dedup, filter, split."""
 
@@ -99,6 +125,7 @@ class CurateConfig(_Strict):
     max_turns: int | None = Field(default=64, ge=1, description="Drop conversations with more messages (None = off).")
     dedup: bool = Field(default=True, description="Exact dedup on whitespace/case-normalized text, first row wins.")
     near_dedup: NearDedupConfig = Field(default_factory=lambda: NearDedupConfig())
+    decontaminate: DecontamConfig = Field(default_factory=lambda: DecontamConfig())
     max_row_bytes: int = Field(default=1_000_000, ge=1, description="Raw rows larger than this are quarantined unparsed (read_row_too_large).")
     quality: QualityConfig = Field(default_factory=lambda: QualityConfig())
     heldout_fraction: float = Field(

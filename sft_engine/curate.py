@@ -24,6 +24,7 @@ import polars as pl
 
 from sft_engine.config import CurateConfig, QualityConfig, SourceConfig
 from sft_engine.constants import ROLES
+from sft_engine.decontam import find_contamination
 from sft_engine.demo_data import builtin_rows
 from sft_engine.near_dedup import near_duplicates
 
@@ -366,13 +367,21 @@ def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int) -> tuple[pl.Lazy
 
 
 def check_rows(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
-    """Row-local steps (validation, length and quality filters) on one source; cacheable per source."""
+    """Row-local steps (validation, length and quality filters, decontamination) on one source; cacheable per source."""
     lf = df.lazy()
     lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
     lf = with_text_columns(lf)
     lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(length_reason(cfg)).otherwise(pl.col("drop_reason")))
     lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(quality_reason(cfg.quality)).otherwise(pl.col("drop_reason")))
-    return lf.collect()
+    out = lf.collect()
+    matches = find_contamination(out.select(_contents().list.join("\n").fill_null("")).to_series(), cfg.decontaminate)
+    out = out.with_columns(decontam_match=pl.Series(matches, dtype=pl.String))
+    if cfg.decontaminate.action == "drop":
+        reason = pl.lit("decontam_") + pl.col("decontam_match").str.split(":").list.first()
+        out = out.with_columns(
+            drop_reason=pl.when(pl.col("drop_reason").is_null() & pl.col("decontam_match").is_not_null()).then(reason).otherwise(pl.col("drop_reason"))
+        )
+    return out
 
 
 def dedup_and_split(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -459,9 +468,21 @@ def finalize(
     kept = curated.filter(pl.col("drop_reason").is_null())
     train = mix_train(kept.filter(pl.col("split") == "train"), cfg.sources, seed)
     heldout = kept.filter(pl.col("split") == "heldout")
-    rejected = curated.filter(pl.col("drop_reason").is_not_null()).select(["source", "row", "drop_reason", "dup_of", "raw", "messages"])
+    rejected = curated.filter(pl.col("drop_reason").is_not_null()).select(
+        ["source", "row", "drop_reason", "dup_of", "decontam_match", "raw", "messages"]
+    )
     stats = curation_stats(curated, train)
     stats["near_dedup"] = near_info
+    matched = curated.filter(pl.col("decontam_match").is_not_null())
+    stats["decontamination"] = {
+        "action": cfg.decontaminate.action,
+        "ngram": cfg.decontaminate.ngram,
+        "matches_by_eval_set": dict(
+            matched.group_by(pl.col("decontam_match").str.split(":").list.first().alias("set")).len().sort("set").rows()
+        ),
+        # Which eval item each matched row overlapped (first 1000), for the report.
+        "matches": matched.select("source", "row", "decontam_match").head(1000).rows(),
+    }
     return train.select(CANONICAL_COLUMNS), heldout.select(CANONICAL_COLUMNS), rejected, stats
 
 

@@ -7,6 +7,7 @@ complete is not run again; a stage killed midway leaves no complete-looking fold
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import json
 import shutil
@@ -59,12 +60,24 @@ def _path_digest(path: Path) -> str:
 
 
 # Curation config that row-local checks depend on; dedup, split and mixing settings are not in it.
-_ROW_KEYS = ("min_chars", "max_chars", "min_turns", "max_turns", "max_row_bytes", "quality")
+_ROW_KEYS = ("min_chars", "max_chars", "min_turns", "max_turns", "max_row_bytes", "quality", "decontaminate")
+
+
+def _eval_sets_identity(cfg: PipelineConfig) -> list[Any]:
+    """Contents of the eval sets decontamination checks against (a changed eval file invalidates the cache)."""
+    out: list[Any] = []
+    for es in cfg.curate.decontaminate.eval_sets:
+        if es.builtin is not None:
+            out.append([es.name, es.builtin, __version__])
+        else:
+            out.append([es.name, [[p, _path_digest(Path(p))] for p in sorted(glob.glob(es.path or ""))]])
+    return out
 
 
 def source_key(cfg: PipelineConfig, s: SourceConfig) -> str:
     """Key of one source's row-local curation: its content, its reading options, the row checks. Not its weight."""
     row_cfg = {k: v for k, v in config_to_dict(cfg.curate).items() if k in _ROW_KEYS}
+    row_cfg["eval_sets_identity"] = _eval_sets_identity(cfg)
     source = {k: v for k, v in config_to_dict(s).items() if k != "weight"}
     return digest_json({"source": source, "identity": _source_identity(cfg, s), "checks": row_cfg, "seed": cfg.seed, "v": __version__})
 

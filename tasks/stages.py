@@ -50,6 +50,8 @@ def curate_task(cfg: PipelineConfig, parent_run_id: str | None = None) -> Path:
         stats = read_json(out / "stats.json")
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         metrics.update({f"dropped.{r}": n for r, n in stats["dropped_by_reason"].items()})
+        decontam = stats.get("decontamination") or {}
+        metrics.update({f"decontam.{k}": v for k, v in (decontam.get("matches_by_eval_set") or {}).items()})
         near = stats.get("near_dedup") or {}
         metrics.update({f"near_dedup.{k}": v for k, v in near.items() if isinstance(v, (int, float))})
         for src, s in stats["per_source"].items():

@@ -1,0 +1,84 @@
+"""Decontamination: find training conversations that share a word n-gram with an evaluation item.
+
+Eval items and conversations are shingled with the same vectorized hashing as near-dedup
+(lowercased, punctuation-stripped word n-grams); an item shorter than ``ngram`` words is one
+shingle of all its words. A conversation matches if any of its shingles is an eval shingle; the
+first matching eval set and item are reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from sft_engine.config import DecontamConfig, EvalSetConfig
+from sft_engine.demo_data import verifiable_task_rows
+from sft_engine.near_dedup import shingle_hashes
+
+# The built-in eval set: generator items from a seed range training data never uses.
+EVAL_SEED = 1_000_003
+
+
+def eval_items(es: EvalSetConfig) -> list[str]:
+    """The text of every item of one eval set (the configured fields present, joined)."""
+    if es.builtin == "verifiable_tasks_eval":
+        # The prompt is what identifies a task; answers are short and shared by many prompts.
+        return [f"{r['instruction']}\n\n{r['input']}" for r in verifiable_task_rows(500, seed=EVAL_SEED)]
+    else:
+        assert es.path is not None
+        rows = []
+        for p in sorted(glob.glob(es.path)):
+            if p.endswith(".parquet"):
+                rows += pl.read_parquet(p).to_dicts()
+            elif p.endswith(".json"):
+                rows += json.loads(Path(p).read_text())
+            else:
+                rows += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+        if not rows:
+            raise FileNotFoundError(f"eval set '{es.name}': '{es.path}' matches no file or holds no items")
+    return [" ".join(str(r[f]) for f in es.fields if isinstance(r, dict) and r.get(f) not in (None, "")) for r in rows]
+
+
+def _fold(s: pl.Series) -> pl.Series:
+    """Case and whitespace folded, punctuation kept (so '37 + 45' never matches '37 - 45')."""
+    return s.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def find_contamination(texts: pl.Series, cfg: DecontamConfig, seed: int = 0) -> list[str | None]:
+    """Per text, 'set:item' of the first eval item it overlaps, or None.
+
+    Items of at least ``ngram`` words match through a shared word n-gram; shorter items match when
+    the whole item occurs in the text (Aho-Corasick over all short items at once).
+    """
+    out: list[str | None] = [None] * len(texts)
+    if not cfg.eval_sets or len(texts) == 0:
+        return out
+    doc_sh, doc_off = shingle_hashes(texts, cfg.ngram, seed)
+    doc_of = np.repeat(np.arange(len(texts)), np.diff(doc_off))
+    folded = _fold(texts)
+    for es in cfg.eval_sets:
+        items = eval_items(es)
+        n_words = [len(t.split()) for t in items]
+        short = {f: i for i, f in reversed(list(enumerate(_fold(pl.Series(items, dtype=pl.String)).to_list()))) if n_words[i] < cfg.ngram and f}
+        if short:
+            found = folded.str.extract_many(list(short), overlapping=False)
+            for d, matches in enumerate(found.to_list()):
+                if out[d] is None and matches:
+                    out[d] = f"{es.name}:{short[matches[0]]}"
+        long_items = [t if n_words[i] >= cfg.ngram else "" for i, t in enumerate(items)]
+        ev_sh, ev_off = shingle_hashes(pl.Series(long_items, dtype=pl.String), cfg.ngram, seed)
+        item_of = np.repeat(np.arange(len(items)), np.diff(ev_off))
+        order = np.argsort(ev_sh, kind="stable")
+        ev_sorted, item_sorted = ev_sh[order], item_of[order]
+        pos = np.searchsorted(ev_sorted, doc_sh)
+        hit = (pos < len(ev_sorted)) & (ev_sorted[np.minimum(pos, len(ev_sorted) - 1)] == doc_sh)
+        for shingle_idx in np.flatnonzero(hit):
+            d = int(doc_of[shingle_idx])
+            if out[d] is None:
+                out[d] = f"{es.name}:{int(item_sorted[pos[shingle_idx]])}"
+    return out
