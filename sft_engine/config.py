@@ -40,7 +40,9 @@ class SourceConfig(_Strict):
         description="For format=columns: map canonical fields to your columns, e.g. {user: question, assistant: answer, system: sys}.",
     )
     limit: int | None = Field(default=None, gt=0, description="Read at most this many rows (None = all).")
-    weight: float = Field(default=1.0, gt=0, description="Mixing weight (1.0 = every kept row once).")
+    weight: float = Field(default=1.0, gt=0, description="Mixing weight (1.0 = every kept row once, 2.0 = twice, 0.5 = a seeded half).")
+    target_rows: int | None = Field(default=None, ge=0, description="Exact train rows from this source after mixing (overrides weight).")
+    max_rows: int | None = Field(default=None, ge=0, description="Cap on this source's train rows after mixing.")
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:

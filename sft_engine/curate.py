@@ -409,15 +409,20 @@ def dedup_and_split(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> tuple
 
 
 def mix_train(kept: pl.DataFrame, sources: list[SourceConfig], seed: int) -> pl.DataFrame:
-    """Resample the train split per source by weight: floor(w) full copies plus a seeded sample of the rest."""
+    """Resample the train split per source to its target (target_rows, else weight x rows; capped by
+    max_rows): whole copies plus a seeded sample of the remainder, then one seeded shuffle."""
     parts = []
     for i, s in enumerate(sources):
         rows = kept.filter(pl.col("source") == s.name)
-        whole, frac = int(s.weight), s.weight - int(s.weight)
+        if rows.height == 0:
+            continue
+        target = s.target_rows if s.target_rows is not None else round(rows.height * s.weight)
+        if s.max_rows is not None:
+            target = min(target, s.max_rows)
+        whole, rest = divmod(target, rows.height)
         chunks = [rows] * whole
-        n_extra = round(rows.height * frac)
-        if n_extra:
-            chunks.append(rows.sample(n=n_extra, seed=seed + i, shuffle=False))
+        if rest:
+            chunks.append(rows.sample(n=rest, seed=seed + i, shuffle=False))
         if chunks:
             parts.append(pl.concat(chunks))
     if not parts:
@@ -473,6 +478,11 @@ def finalize(
     )
     stats = curation_stats(curated, train)
     stats["near_dedup"] = near_info
+    total = max(1, train.height)
+    stats["mix"] = {
+        "recipe": {s.name: {"weight": s.weight, "target_rows": s.target_rows, "max_rows": s.max_rows} for s in cfg.sources},
+        "realized_share": {name: st["mixed_train_rows"] / total for name, st in stats["per_source"].items()},
+    }
     matched = curated.filter(pl.col("decontam_match").is_not_null())
     stats["decontamination"] = {
         "action": cfg.decontaminate.action,

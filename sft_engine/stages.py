@@ -78,7 +78,7 @@ def source_key(cfg: PipelineConfig, s: SourceConfig) -> str:
     """Key of one source's row-local curation: its content, its reading options, the row checks. Not its weight."""
     row_cfg = {k: v for k, v in config_to_dict(cfg.curate).items() if k in _ROW_KEYS}
     row_cfg["eval_sets_identity"] = _eval_sets_identity(cfg)
-    source = {k: v for k, v in config_to_dict(s).items() if k != "weight"}
+    source = {k: v for k, v in config_to_dict(s).items() if k not in {"weight", "target_rows", "max_rows"}}
     return digest_json({"source": source, "identity": _source_identity(cfg, s), "checks": row_cfg, "seed": cfg.seed, "v": __version__})
 
 
@@ -94,7 +94,8 @@ def dedup_key(cfg: PipelineConfig) -> str:
 
 def curate_key(cfg: PipelineConfig) -> str:
     """Key of the final curated splits: the dedup key plus the mix weights."""
-    return digest_json({"dedup": dedup_key(cfg), "weights": [[s.name, s.weight] for s in cfg.curate.sources], "seed": cfg.seed})
+    mix = [[s.name, s.weight, s.target_rows, s.max_rows] for s in cfg.curate.sources]
+    return digest_json({"dedup": dedup_key(cfg), "mix": mix, "seed": cfg.seed})
 
 
 def _folder_digest(folder: Path, names: list[str]) -> str:

@@ -50,6 +50,7 @@ def curate_task(cfg: PipelineConfig, parent_run_id: str | None = None) -> Path:
         stats = read_json(out / "stats.json")
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         metrics.update({f"dropped.{r}": n for r, n in stats["dropped_by_reason"].items()})
+        metrics.update({f"source.{k}.share": v for k, v in stats["mix"]["realized_share"].items()})
         decontam = stats.get("decontamination") or {}
         metrics.update({f"decontam.{k}": v for k, v in (decontam.get("matches_by_eval_set") or {}).items()})
         near = stats.get("near_dedup") or {}

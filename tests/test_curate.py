@@ -236,3 +236,20 @@ def test_changing_one_weight_reuses_per_source_and_dedup_work(tmp_path: Path) ->
     s3 = json.loads((changed.path / "stats.json").read_text())
     assert s3["cache"] == {"sources_reused": ["a"], "sources_computed": ["b"], "dedup_reused": False}
     assert stages.run_curate(load_config(None, base)).reused
+
+
+def test_mix_targets_caps_and_realized_shares(tmp_path: Path) -> None:
+    rows = [json.dumps({"messages": _msgs(("user", f"question {i}"), ("assistant", f"answer {i}"))}) for i in range(40)]
+    (tmp_path / "a.jsonl").write_text("\n".join(rows[:30]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(rows[30:]) + "\n")
+    cfg = CurateConfig(
+        sources=[{"name": "a", "path": str(tmp_path / "a.jsonl"), "target_rows": 70, "max_rows": 65},
+                 {"name": "b", "path": str(tmp_path / "b.jsonl"), "target_rows": 5}],
+        heldout_fraction=0.0, min_chars=None,
+    )
+    train, _, _, stats = curate(cfg, seed=1)
+    assert train.group_by("source").len().sort("source").rows() == [("a", 65), ("b", 5)]
+    assert stats["mix"]["realized_share"] == {"a": 65 / 70, "b": 5 / 70}
+    assert stats["mix"]["recipe"]["a"] == {"weight": 1.0, "target_rows": 70, "max_rows": 65}
+    # 65 = 2 full copies of 30 + 5 sampled rows; the same seed gives the same mix.
+    assert curate(cfg, seed=1)[0].equals(train)
