@@ -59,35 +59,25 @@ def tokenize_to_arrow(
 ) -> tuple[np.ndarray, list[str | None]]:
     """Tokenize a curated split batch by batch into an Arrow file; returns lengths and drop reasons.
 
-    Three steps overlap: while the main thread tokenizes batch k (Rust, GIL released, all cores),
-    one worker thread labels and writes batch k-1 and renders batch k+1 (Python).
+    The next batch is rendered (Python, holds the GIL) on a worker thread while this one is
+    tokenized (Rust, releases the GIL, all cores).
     """
     lengths: list[np.ndarray] = []
     reasons: list[str | None] = []
-
-    def finish(rendered: list[Any], encodings: list[Any], writer: Any) -> None:
-        tok = label_encoded(rendered, encodings)
-        writer.write_batch(pa.record_batch([_list_array(tok.input_ids), _list_array(tok.labels)], schema=TOKENIZED_SCHEMA))
-        lengths.append(np.fromiter((len(x) for x in tok.input_ids), dtype=np.int64, count=len(tok.input_ids)))
-        reasons.extend(tok.drop_reason)
-        if progress is not None:
-            progress(len(rendered))
-
     batches = iter_conversations(parquet_path, cfg.tokenize_batch_size)
     with ThreadPoolExecutor(max_workers=1) as pool, pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, TOKENIZED_SCHEMA) as writer:
         convs = next(batches, None)
         ahead = pool.submit(render_batch, tokenizer, convs, cfg.mask) if convs is not None else None
-        behind = None
         while ahead is not None:
             rendered = ahead.result()
             nxt = next(batches, None)
             ahead = pool.submit(render_batch, tokenizer, nxt, cfg.mask) if nxt is not None else None
-            encodings = encode_rendered(tokenizer, rendered)
-            if behind is not None:
-                behind.result()
-            behind = pool.submit(finish, rendered, encodings, writer)
-        if behind is not None:
-            behind.result()
+            tok = label_encoded(rendered, encode_rendered(tokenizer, rendered))
+            writer.write_batch(pa.record_batch([_list_array(tok.input_ids), _list_array(tok.labels)], schema=TOKENIZED_SCHEMA))
+            lengths.append(np.fromiter((len(x) for x in tok.input_ids), dtype=np.int64, count=len(tok.input_ids)))
+            reasons += tok.drop_reason
+            if progress is not None:
+                progress(len(rendered))
     return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), reasons
 
 

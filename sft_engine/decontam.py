@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl

@@ -60,6 +60,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def packed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Packed training rows (Arrow) of 200 verifiable tasks for the tiny model, 128 tokens a row."""
+    from sft_engine import stages
+    from sft_engine.config import load_config
+
+    cfg = load_config(None, [
+        f"work_dir={tmp_path_factory.mktemp('packed_work')}", f"model={tiny_model}",
+        "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 200}]", "prepare.max_seq_len=128",
+        "curate.heldout_fraction=0.0",
+    ])
+    return stages.run_prepare(cfg, stages.run_curate(cfg).path).path / "train.arrow"
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer and ChatML template, read from the installed GGUF."""
     from transformers import AutoTokenizer

@@ -5,14 +5,8 @@ from __future__ import annotations
 from sft_engine.chat import render_batch, render_with_spans, tokenize_conversations
 from sft_engine.config import MaskStrategy
 from sft_engine.constants import IGNORE_INDEX
+from tests.test_chat import MULTI
 
-MULTI = [
-    {"role": "system", "content": "Be terse."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "content": "4"},
-]
 CALL = '{"name": "add", "parameters": {"a": 2, "b": 2}}'
 TOOL = [
     {"role": "user", "content": "Add 2 and 2."},

@@ -5,22 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_engine import stages
-from sft_engine.config import TrainConfig, load_config
+from sft_engine.config import TrainConfig
 from sft_engine.train import deepspeed_config, lr_factor, total_steps, train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("train_work")
-    cfg = load_config(None, [
-        f"work_dir={work}", f"model={tiny_model}", "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 120}]",
-        "prepare.max_seq_len=128", "curate.heldout_fraction=0.0",
-    ])
-    curated = stages.run_curate(cfg).path
-    return stages.run_prepare(cfg, curated).path / "train.arrow"
 
 
 def test_deepspeed_config_is_derived_from_train_config() -> None:
@@ -57,17 +45,17 @@ def test_two_step_deepspeed_run_decreases_loss_and_saves_loadable_model(tiny_mod
 
 
 def test_grad_accum_step_equals_one_big_batch_step(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
-    """Loss per token over the whole window: 4 micro-batches of 1 row == 1 micro-batch of 4 rows."""
-    from transformers import AutoModelForCausalLM
+    """Loss per token over the whole window: 4 micro-batches of 1 row == 1 micro-batch of 4 rows.
 
-    common = {"zero_stage": 1, "max_steps": 1, "lr": 1e-3, "warmup_steps": 0, "grad_clip": None}
+    Compared on the loss trajectory, not on weights: AdamW's first update is about lr * sign(g), so
+    parameters whose gradient is ~0 may flip under a different summation order without changing
+    anything that matters; step 2's loss shows the updates agree where they count.
+    """
+    common = {"zero_stage": 1, "max_steps": 2, "lr": 1e-3, "warmup_steps": 0, "grad_clip": None}
     acc = train(tiny_model, packed, tmp_path / "acc", TrainConfig(micro_batch_size=1, grad_accum=4, **common), seed=1, show_progress=False)
     big = train(tiny_model, packed, tmp_path / "big", TrainConfig(micro_batch_size=4, grad_accum=1, **common), seed=1, show_progress=False)
-    assert acc.losses[0] == pytest.approx(big.losses[0], abs=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "acc").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "big").state_dict()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert acc.losses == pytest.approx(big.losses, abs=1e-5)
+    assert acc.supervised_tokens == big.supervised_tokens
 
 
 def test_zero3_exports_full_weights(tiny_model: Path, packed: Path, tmp_path: Path) -> None:

@@ -14,23 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_engine import stages
-from sft_engine.config import ConfigError, TrainConfig, load_config
+from sft_engine.config import ConfigError, TrainConfig
 from sft_engine.train import COMPLETE, deepspeed_config, latest_checkpoint, train
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "scripts" / "train_worker.py"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("dist_work")
-    cfg = load_config(None, [
-        f"work_dir={work}", f"model={tiny_model}", "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 200}]",
-        "prepare.max_seq_len=128", "curate.heldout_fraction=0.0",
-    ])
-    return stages.run_prepare(cfg, stages.run_curate(cfg).path).path / "train.arrow"
 
 
 def _port() -> int:
