@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,8 @@ def _raw_objects(path: Path, max_row_bytes: int = 1_000_000) -> Iterable[tuple[A
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rb") as f:
             data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise SourceError(f"source file '{path}' is truncated or corrupt ({exc}); re-export or re-download it") from exc
     except (OSError, pl.exceptions.PolarsError, ValueError) as exc:
         raise SourceError(f"cannot read source '{path}': {exc}") from exc
     if name.endswith(".json") or name.endswith(".json.gz"):
@@ -430,13 +433,15 @@ def mix_train(kept: pl.DataFrame, sources: list[SourceConfig], seed: int) -> pl.
     return pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
 
 
-def curation_stats(curated: pl.DataFrame, mixed: pl.DataFrame) -> dict[str, Any]:
-    """Counts per source and per drop reason; the balance rows_in = kept + dropped always holds."""
+def curation_stats(curated: pl.DataFrame, mixed: pl.DataFrame, source_names: list[str]) -> dict[str, Any]:
+    """Counts per source (every configured one, even if empty) and per drop reason; the balance
+    rows_in = kept + dropped always holds."""
     by_reason = (
         curated.filter(pl.col("drop_reason").is_not_null()).group_by("drop_reason").len().sort("drop_reason").rows()
     )
     per_source: dict[str, Any] = {}
-    for (name,), grp in curated.group_by(["source"], maintain_order=True):
+    for name in source_names:
+        grp = curated.filter(pl.col("source") == name)
         dropped = grp.filter(pl.col("drop_reason").is_not_null())
         kept = grp.filter(pl.col("drop_reason").is_null())
         per_source[str(name)] = {
@@ -476,7 +481,7 @@ def finalize(
     rejected = curated.filter(pl.col("drop_reason").is_not_null()).select(
         ["source", "row", "drop_reason", "dup_of", "decontam_match", "raw", "messages"]
     )
-    stats = curation_stats(curated, train)
+    stats = curation_stats(curated, train, [s.name for s in cfg.sources])
     stats["near_dedup"] = near_info
     total = max(1, train.height)
     stats["mix"] = {
