@@ -308,6 +308,8 @@ def _describe(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     ann = field.annotation
     if isinstance(ann, type) and issubclass(ann, Enum):
         accepts = ", ".join(m.value for m in ann)
+    elif isinstance(ann, type):
+        accepts = ann.__name__
     else:
         accepts = str(ann).replace("typing.", "")
     desc = f" {field.description}" if field.description else ""

@@ -1,0 +1,73 @@
+"""Two pipeline runs at once against one real Prefect server (loopback) and one MLflow SQLite store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_api(tmp_path: Path):
+    port = _port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("prefect server did not answer /api/health within 90 s")
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def test_two_runs_at_once_share_prefect_server_and_mlflow_store(prefect_api: str, tiny_model: Path, tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(tmp_path / "client_home")}
+    common = [
+        f"model={tiny_model}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 100}]", "prepare.max_seq_len=256",
+        "train.max_steps=2", "evaluate.generate_samples=1", "evaluate.max_new_tokens=4", "experiment=concurrent",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "-c", str(ROOT / "conf" / "demo.yaml"), f"work_dir={tmp_path / f'w{i}'}",
+             *common, f"train.lr={lr}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i, lr in enumerate(("1e-4", "2e-4"))
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert not any("database is locked" in o for o in outputs)
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 2 * 5
