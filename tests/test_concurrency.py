@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -71,3 +72,37 @@ def test_two_runs_at_once_share_prefect_server_and_mlflow_store(prefect_api: str
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert len(runs) == 2 * 5
+
+
+def test_pipeline_killed_mid_training_reruns_to_identical_model(tiny_model: Path, tmp_path: Path) -> None:
+    from sft_engine.io import digest_file
+
+    base = [
+        sys.executable, "-m", "flows.cli", "train", "-c", str(ROOT / "conf" / "demo.yaml"), f"model={tiny_model}",
+        "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 300}]", "prepare.max_seq_len=128",
+        "train.max_steps=60", "train.grad_accum=1", "train.checkpoint_every=5", "train.lr=1e-3",
+    ]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home")}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*base, f"work_dir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    ckpts = killed / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for d in ckpts.glob("*") for p in d.glob("step-*/_COMPLETE")] if ckpts.exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; raise train.max_steps"
+    os.kill(proc.pid, 9)
+    proc.wait()
+    assert not list(killed.glob("train/*/_SUCCESS"))  # nothing published by the killed run
+
+    rerun = subprocess.run([*base, f"work_dir={killed}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    clean = subprocess.run([*base, f"work_dir={tmp_path / 'clean'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stdout[-3000:]
+    (a,) = (killed / "train").glob("*/model/model.safetensors")
+    (b,) = (tmp_path / "clean" / "train").glob("*/model/model.safetensors")
+    assert digest_file(a) == digest_file(b)
+    stats = json.loads((a.parent.parent / "stats.json").read_text())
+    assert stats["resumed_from_step"] >= 10 and stats["steps"] == 60
