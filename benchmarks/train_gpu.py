@@ -243,6 +243,7 @@ def main() -> None:
               "transformers only derives varlen boundaries for batch size 1, so FlashAttention runs dense causal rows "
               "(samples attend across packing boundaries, more attention work). TRL flattens the batch and passes cu_seq_lens.")
 
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp) / "work"
         t = time.perf_counter()
@@ -287,6 +288,9 @@ def main() -> None:
         print(f"{side:5} {r['tokens_per_s']:10,.0f} {sum(timed) / len(timed):8.2f} {r['peak_memory_gb']:13.2f} {mfu} "
               f"{r['losses'][0]:8.4f} {r['grad_norms'][0]:8.3f} {r['losses'][-1]:9.4f} {r['process_seconds']:10.0f}")
     o, t_ = results["ours"], results["trl"]
+    for side, r in results.items():
+        print(f"{side} step seconds: " + " ".join(f"{x:.2f}" for x in r["step_seconds"]))
+    print(f"load average (1 min) before/after: {load0:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"ratio ours/TRL: tokens/s {o['tokens_per_s'] / t_['tokens_per_s']:.2f}x, "
           f"peak memory {o['peak_memory_gb'] / t_['peak_memory_gb']:.2f}x")
     if args.json:
