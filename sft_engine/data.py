@@ -222,30 +222,33 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def iter_batches(
-    ds: PackedDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1, skip: int = 0
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches over seeded epochs; each rank takes its slice of every global micro-batch.
+def batch_indices(n: int, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[np.ndarray]:
+    """Endless row indices of each micro-batch for one rank, over seeded epochs.
 
-    The order depends only on (seed, epoch), so the position is fully described by the number of
-    micro-batches consumed: ``skip`` fast-forwards past them without reading rows (exact resume).
+    Each global micro-batch takes the next ``micro_batch_size * world_size`` rows of the epoch's
+    permutation; rank r takes its slice. The order depends only on (seed, epoch), so a position is
+    fully described by the number of micro-batches consumed.
     """
-    n = len(ds)
     if n == 0:
         raise ValueError("the packed training data is empty; check the curation and preparation stats")
     global_batch = micro_batch_size * world_size
     epoch, pos = 0, 0
     order = epoch_order(n, seed, epoch)
-    consumed = 0
     while True:
         if pos + global_batch > n:
             epoch, pos = epoch + 1, 0
             order = epoch_order(n, seed, epoch)
             if global_batch > n:
                 order = np.resize(order, global_batch)
-        mine = order[pos + rank * micro_batch_size : pos + (rank + 1) * micro_batch_size]
+        yield order[pos + rank * micro_batch_size : pos + (rank + 1) * micro_batch_size]
         pos += global_batch
-        consumed += 1
-        if consumed <= skip:
-            continue
-        yield collate([ds[int(i)] for i in mine])
+
+
+def iter_batches(
+    ds: PackedDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1, skip: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless collated micro-batches (see ``batch_indices``); ``skip`` fast-forwards past that many
+    micro-batches without reading rows (exact resume)."""
+    for k, mine in enumerate(batch_indices(len(ds), micro_batch_size, seed, rank, world_size)):
+        if k >= skip:
+            yield collate([ds[int(i)] for i in mine])
