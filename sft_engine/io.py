@@ -43,6 +43,13 @@ def digest_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def digest_path(path: Path) -> str:
+    """A file's digest, or for a folder (e.g. a saved HF dataset) the digest of every file inside."""
+    if path.is_dir():
+        return digest_json([[str(p.relative_to(path)), digest_file(p)] for p in sorted(path.rglob("*")) if p.is_file()])
+    return digest_file(path)
+
+
 def digest_files(paths: list[Path]) -> str:
     """Digest of several files' contents and names (order-independent)."""
     items = sorted((p.name, digest_file(p)) for p in paths)

@@ -18,15 +18,24 @@ from typing import Any
 
 import polars as pl
 
-from sft_engine import plots
+from sft_engine import __version__, plots
 from sft_engine.config import PipelineConfig, SourceConfig, config_to_dict
-from sft_engine import __version__
 from sft_engine.curate import check_rows, dedup_and_split, finalize, read_source, source_files
 from sft_engine.data import prepare_split
 from sft_engine.evaluate import generate_samples, heldout_loss
-from sft_engine.train import TrainResult, deepspeed_config, train
-from sft_engine.io import atomic_dir, digest_file, digest_json, is_complete, read_json, stage_dir, write_json_atomic
+from sft_engine.io import (
+    atomic_dir,
+    digest_file,
+    digest_files,
+    digest_json,
+    digest_path,
+    is_complete,
+    read_json,
+    stage_dir,
+    write_json_atomic,
+)
 from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
+from sft_engine.train import TrainResult, deepspeed_config, train
 
 StepCallback = Callable[[int, dict[str, float]], None]
 ROW_GROUP = 8192
@@ -43,20 +52,13 @@ class StageOutput:
 # ---- keys -------------------------------------------------------------------------------------
 
 
-def _source_identity(cfg: PipelineConfig, s: SourceConfig) -> Any:
+def _source_identity(s: SourceConfig) -> Any:
     """Content identity of a source: file digests, or the generator's package version."""
     if s.builtin == "chitchat":
         return [s.builtin, importlib.metadata.version("chitchat-dataset")]
     if s.builtin is not None:
         return [s.builtin, __version__]
-    return [[str(p), _path_digest(p)] for p in source_files(s)]
-
-
-def _path_digest(path: Path) -> str:
-    """A file's digest, or for a folder (a saved HF dataset) the digest of every file inside."""
-    if path.is_dir():
-        return digest_json([[str(p.relative_to(path)), digest_file(p)] for p in sorted(path.rglob("*")) if p.is_file()])
-    return digest_file(path)
+    return [[str(p), digest_path(p)] for p in source_files(s)]
 
 
 # Curation config that row-local checks depend on; dedup, split and mixing settings are not in it.
@@ -70,7 +72,7 @@ def _eval_sets_identity(cfg: PipelineConfig) -> list[Any]:
         if es.builtin is not None:
             out.append([es.name, es.builtin, __version__])
         else:
-            out.append([es.name, [[p, _path_digest(Path(p))] for p in sorted(glob.glob(es.path or ""))]])
+            out.append([es.name, [[p, digest_path(Path(p))] for p in sorted(glob.glob(es.path or ""))]])
     return out
 
 
@@ -79,7 +81,7 @@ def source_key(cfg: PipelineConfig, s: SourceConfig) -> str:
     row_cfg = {k: v for k, v in config_to_dict(cfg.curate).items() if k in _ROW_KEYS}
     row_cfg["eval_sets_identity"] = _eval_sets_identity(cfg)
     source = {k: v for k, v in config_to_dict(s).items() if k not in {"weight", "target_rows", "max_rows"}}
-    return digest_json({"source": source, "identity": _source_identity(cfg, s), "checks": row_cfg, "seed": cfg.seed, "v": __version__})
+    return digest_json({"source": source, "identity": _source_identity(s), "checks": row_cfg, "seed": cfg.seed, "v": __version__})
 
 
 def dedup_key(cfg: PipelineConfig) -> str:
@@ -98,22 +100,22 @@ def curate_key(cfg: PipelineConfig) -> str:
     return digest_json({"dedup": dedup_key(cfg), "mix": mix, "seed": cfg.seed})
 
 
-def _folder_digest(folder: Path, names: list[str]) -> str:
-    return digest_json([[n, digest_file(folder / n)] for n in names])
-
-
 def prepare_key(cfg: PipelineConfig, curated: Path, model_dir: Path) -> str:
     return digest_json({
-        "data": _folder_digest(curated, ["train.parquet", "heldout.parquet"]),
+        "data": digest_files([curated / "train.parquet", curated / "heldout.parquet"]),
         "prepare": config_to_dict(cfg.prepare),
         "tokenizer": tokenizer_digest(model_dir),
     })
 
 
+# Training settings that cannot change the trained weights (resume is exact; logging happens after).
+_TRAIN_KEY_EXCLUDES = {"log_model", "register_model", "checkpoint_every", "keep_checkpoints", "resume", "threads"}
+
+
 def train_key(cfg: PipelineConfig, prepared: Path, model_dir: Path) -> str:
     return digest_json({
         "data": read_json(prepared / "manifest.json")["digest"],
-        "train": config_to_dict(cfg.train),
+        "train": {k: v for k, v in config_to_dict(cfg.train).items() if k not in _TRAIN_KEY_EXCLUDES},
         "seed": cfg.seed,
         "model": weights_digest(model_dir),
     })
@@ -183,7 +185,7 @@ def run_curate(cfg: PipelineConfig) -> StageOutput:
             {name: st["mixed_train_rows"] for name, st in stats["per_source"].items()}, tmp / "source_share.png",
             "Train rows per source after mixing",
         )
-        stats["digest"] = _folder_digest(tmp, ["train.parquet", "heldout.parquet"])
+        stats["digest"] = digest_files([tmp / "train.parquet", tmp / "heldout.parquet"])
         write_json_atomic(tmp / "stats.json", stats)
         if stats.get("near_dedup", {}).get("cluster_sizes"):
             plots.histogram(stats["near_dedup"]["cluster_sizes"], tmp / "near_dup_clusters.png", "Near-duplicate clusters", "rows per cluster")
@@ -206,7 +208,7 @@ def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], No
             if split == "train":
                 lengths = lens.tolist()
         manifest["digest"] = digest_json({
-            "files": _folder_digest(tmp, ["train.arrow", "heldout.arrow"]),
+            "files": digest_files([tmp / "train.arrow", tmp / "heldout.arrow"]),
             "tokenizer": tokenizer_digest(model_dir),
             "prepare": config_to_dict(cfg.prepare),
         })
