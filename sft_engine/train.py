@@ -308,7 +308,8 @@ def train(
             n_tokens, n_samples = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
             denom = n_tokens if cfg.loss_norm == "token" else n_samples
             loss_sum = 0.0
-            for b in window:
+            grad_norm = None
+            for k, b in enumerate(window):
                 out = engine(
                     input_ids=b["input_ids"].to(engine.device), position_ids=b["position_ids"].to(engine.device), use_cache=False
                 )
@@ -317,6 +318,9 @@ def train(
                 else:
                     part, _ = sample_loss_sum(out.logits, b["labels"], b["position_ids"])
                 engine.backward(part * world / denom, scale_wrt_gas=False)
+                if cfg.zero_stage == 0 and k == len(window) - 1:
+                    # DeepSpeed reports no grad norm at stage 0 in fp32; take it before the step clips.
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
                 engine.step()
                 loss_sum += float(part.detach())
             total = torch.tensor([loss_sum], dtype=torch.float64)
@@ -328,7 +332,8 @@ def train(
             tokens += step_tokens
             supervised_total += int(n_tokens)
             losses.append(loss)
-            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
             metrics = {
                 "train/loss": loss,
                 "train/lr": lr,

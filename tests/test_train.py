@@ -61,10 +61,23 @@ def test_grad_accum_step_equals_one_big_batch_step(tiny_model: Path, packed: Pat
 def test_zero3_exports_full_weights(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    train(tiny_model, packed, tmp_path / "z3", TrainConfig(zero_stage=3, max_steps=1, grad_accum=1), seed=0, show_progress=False)
+    # Threshold 0 partitions even this tiny model's small tensors, so the export must really gather.
+    over = tmp_path / "ds.json"
+    over.write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
+    cfg = TrainConfig(zero_stage=3, max_steps=1, grad_accum=1, deepspeed_overrides=str(over))
+    train(tiny_model, packed, tmp_path / "z3", cfg, seed=0, show_progress=False)
     ref = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "z3").state_dict()
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ref.items()}
+    assert all(v.numel() > 0 for v in out.values())
+
+
+def test_grad_norm_is_reported_at_every_zero_stage(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
+    norms = {}
+    for stage in (0, 2):
+        res = train(tiny_model, packed, tmp_path / f"s{stage}", TrainConfig(zero_stage=stage, max_steps=1, grad_accum=2), seed=0, show_progress=False)
+        norms[stage] = res.history[0]["train/grad_norm"]
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4) and norms[0] > 0
 
 
 def test_periodic_heldout_eval_matches_standalone_evaluation(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
