@@ -225,13 +225,14 @@ def render_batch(
     (``mask_template_rejected``) or cannot mask (``mask_template_not_prefix_stable``).
     """
     clean = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in conversations]
-    texts = _render_each(tokenizer, clean)
+    # Training on every token has no spans to verify a fast render against: use transformers' renderer.
+    texts = _render_each(tokenizer, clean) if strategy is not MaskStrategy.EVERYTHING else [None] * len(clean)
     cache: dict[tuple[Any, ...], _Skeleton | None] = {}
     out: list[Rendered | str] = []
-    for msgs, text in zip(conversations, texts, strict=True):
+    for msgs, plain, text in zip(conversations, clean, texts, strict=True):
         if text is None:
             try:
-                (text,), _ = _render(tokenizer, [[{"role": m["role"], "content": m["content"]} for m in msgs]])
+                (text,), _ = _render(tokenizer, [plain])
             except TemplateError:
                 raise
             except Exception:
