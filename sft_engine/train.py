@@ -174,6 +174,17 @@ class TrainResult:
     resumed_from: int = 0
 
 
+def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A micro-batch of packed rows as one row (padding-free layout).
+
+    transformers derives FlashAttention's varlen boundaries from restarting position ids only for
+    batch size 1, so with several rows it would let samples attend across them. One row is exact:
+    position ids still restart per sample, and every row already starts with an ignored label, so
+    nothing is predicted across the seams.
+    """
+    return {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids") else v) for k, v in batch.items()}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -310,6 +321,8 @@ def train(
             loss_sum = 0.0
             grad_norm = None
             for k, b in enumerate(window):
+                if cfg.attn_implementation == "flash_attention_2":
+                    b = flatten_batch(b)
                 out = engine(
                     input_ids=b["input_ids"].to(engine.device), position_ids=b["position_ids"].to(engine.device), use_cache=False
                 )
@@ -349,7 +362,9 @@ def train(
             if peak_flops is not None:
                 metrics["train/mfu"] = step_tokens * fpt / dt / (peak_flops * world)
             if eval_ds is not None and len(eval_ds) and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
-                metrics["eval/loss"] = engine_heldout_loss(engine, eval_ds, cfg.micro_batch_size, cfg.eval_max_rows, rank, world)
+                # One row per forward under FlashAttention (see flatten_batch).
+                eval_mb = 1 if cfg.attn_implementation == "flash_attention_2" else cfg.micro_batch_size
+                metrics["eval/loss"] = engine_heldout_loss(engine, eval_ds, eval_mb, cfg.eval_max_rows, rank, world)
             history.append({"step": float(step + 1), **metrics})
             if on_step is not None and rank == 0:
                 on_step(step + 1, metrics)

@@ -133,3 +133,23 @@ def test_per_sample_loss_on_packed_rows_equals_mean_of_unpacked_sample_means(tin
         total, n_samples = sample_loss_sum(logits, batch["labels"], batch["position_ids"])
     assert n_samples == 3 == sample_count(batch["labels"], batch["position_ids"])
     assert torch.allclose(total / n_samples, torch.stack(means).mean(), atol=1e-5)
+
+
+def test_flattened_micro_batch_gives_the_same_loss(tiny_model) -> None:
+    """The FlashAttention path trains on micro-batches flattened to one row; that must not change the loss."""
+    from transformers import AutoModelForCausalLM
+
+    from sft_engine.train import flatten_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(2)
+    samples = [torch.randint(3, model.config.vocab_size, (n,), generator=g).numpy() for n in (9, 5, 12, 6)]
+    rows = pack_rows(samples, [s.copy() for s in samples], [[0, 1], [2, 3]], max_seq_len=20, pad_id=0)
+    batch = collate([{k: (v[i].astype(np.int64) if k != "num_pad" else v[i]) for k, v in rows.items()} for i in range(2)])
+    flat = flatten_batch(batch)
+    assert flat["input_ids"].shape == (1, 40) and flat["position_ids"][0, 20].item() == 0
+    with torch.no_grad():
+        per_row = token_loss_sum(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits, batch["labels"])
+        one_row = token_loss_sum(model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False).logits, flat["labels"])
+    assert torch.allclose(per_row, one_row, atol=1e-4)
+    assert supervised_count(flat["labels"]) == supervised_count(batch["labels"])
