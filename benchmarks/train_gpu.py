@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,23 +48,12 @@ DEFAULTS = {  # per device: seq_len, steps, warmup, micro_batch, grad_accum
 
 
 def consumed_rows(n: int, micro_batch: int, seed: int, micro_batches: int) -> list[int]:
-    """Row indices in the order our trainer reads them (mirrors ``sft_engine.data.iter_batches``, one process)."""
-    from sft_engine.data import epoch_order
+    """Row indices in the order our trainer reads them (one process), from the trainer's own sampler."""
+    from itertools import islice
 
-    if n == 0:
-        raise SystemExit("the packed training data is empty")
-    epoch, pos, order, out = 0, 0, epoch_order(n, seed, 0), []
-    for _ in range(micro_batches):
-        if pos + micro_batch > n:
-            epoch, pos = epoch + 1, 0
-            order = epoch_order(n, seed, epoch)
-            if micro_batch > n:
-                import numpy as np
+    from sft_engine.data import batch_indices
 
-                order = np.resize(order, micro_batch)
-        out += [int(i) for i in order[pos : pos + micro_batch]]
-        pos += micro_batch
-    return out
+    return [int(i) for mine in islice(batch_indices(n, micro_batch, seed), micro_batches) for i in mine]
 
 
 def peak_memory_gb(device: str) -> float:
@@ -72,6 +62,12 @@ def peak_memory_gb(device: str) -> float:
 
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def step_seconds(ends: list[float], first: float) -> list[float]:
@@ -92,10 +88,12 @@ def run_ours(spec: dict) -> dict:
         betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, attn_implementation=spec["attn"],
     )
     ends: list[float] = []
+    cpu: list[float] = []
     peak: list[float] = []
 
     def on_step(step: int, metrics: dict) -> None:
         ends.append(time.perf_counter())
+        cpu.append(time.process_time())
         peak.append(peak_memory_gb(spec["device"]))
 
     res = train(Path(spec["model_dir"]), Path(spec["data_path"]), Path(spec["out"]) / "ours_model", cfg, seed=spec["seed"],
@@ -103,8 +101,8 @@ def run_ours(spec: dict) -> dict:
     h = res.history
     # Step 1 starts inside train(); its own step_seconds stands in (it is a warm-up step and not counted).
     secs = step_seconds(ends, ends[0] - h[0]["train/step_seconds"])
-    return {"step_seconds": secs, "losses": [m["train/loss"] for m in h], "grad_norms": [m["train/grad_norm"] for m in h],
-            "peak_memory_gb": peak[-1]}
+    return {"step_seconds": secs, "step_end_cpu": cpu, "losses": [m["train/loss"] for m in h],
+            "grad_norms": [m["train/grad_norm"] for m in h], "peak_memory_gb": peak[-1], "threads": torch_threads()}
 
 
 def run_trl(spec: dict) -> dict:
@@ -140,6 +138,7 @@ def run_trl(spec: dict) -> dict:
     )
     begins: list[float] = []
     ends: list[float] = []
+    cpu: list[float] = []
     peak: list[float] = []
 
     class Timer(TrainerCallback):
@@ -148,13 +147,14 @@ def run_trl(spec: dict) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
             peak.append(peak_memory_gb(spec["device"]))
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     trainer.train()
     logs = [x for x in trainer.state.log_history if "loss" in x]
-    return {"step_seconds": step_seconds(ends, begins[0]), "losses": [x["loss"] for x in logs],
-            "grad_norms": [x.get("grad_norm", float("nan")) for x in logs], "peak_memory_gb": peak[-1]}
+    return {"step_seconds": step_seconds(ends, begins[0]), "step_end_cpu": cpu, "losses": [x["loss"] for x in logs],
+            "grad_norms": [x.get("grad_norm", float("nan")) for x in logs], "peak_memory_gb": peak[-1], "threads": torch_threads()}
 
 
 def _side(side: str, spec_path: str) -> None:
@@ -238,10 +238,6 @@ def main() -> None:
         raise SystemExit("--warmup must be at least 1 and below --steps")
     precision = "bf16" if device == "cuda" else "fp32"
     attn = pick_attn(device, args.attn)
-    if attn == "flash_attention_2" and mb > 1:
-        print("WARNING: with flash_attention_2 and --micro-batch > 1 our trainer passes [micro_batch, seq_len] position_ids; "
-              "transformers only derives varlen boundaries for batch size 1, so FlashAttention runs dense causal rows "
-              "(samples attend across packing boundaries, more attention work). TRL flattens the batch and passes cu_seq_lens.")
 
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -275,23 +271,33 @@ def main() -> None:
     for r in results.values():
         timed = r["step_seconds"][warmup:]
         r["tokens_per_s"] = tokens_per_step * len(timed) / sum(timed)
+        r["tokens_per_s_median_step"] = tokens_per_step / statistics.median(timed)
         r["mfu"] = r["tokens_per_s"] * fpt / peak if peak else None
+        # CPU seconds the process used per wall second and thread over the timed steps: well below 100% on a CPU
+        # run means other jobs took the cores (or the side idles); rerun on a quiet machine.
+        cpu = r["step_end_cpu"]
+        r["cpu_busy"] = (cpu[-1] - cpu[warmup - 1]) / sum(timed) / r["threads"]
 
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{Path(str(model_dir)).name} on {dev}: seq_len {seq_len}, micro_batch {mb} x grad_accum {ga} = {tokens_per_step} "
           f"tokens/step, {steps} steps ({warmup} warm-up not timed), {precision}, attn {attn}, ours ZeRO-{args.zero_stage}")
     mem = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
-    print(f"{'side':5} {'tokens/s':>10} {'s/step':>8} {mem:>13} {'MFU':>7} {'loss@1':>8} {'gnorm@1':>8} {'loss@end':>9} {'process s':>10}")
+    busy = "CPU busy"
+    print(f"{'side':5} {'tokens/s':>10} {'(median)':>9} {'s/step':>8} {mem:>13} {'MFU':>7} {busy:>9} {'loss@1':>8} {'gnorm@1':>8} "
+          f"{'loss@end':>9} {'process s':>10}")
     for side, r in results.items():
         mfu = f"{100 * r['mfu']:6.1f}%" if r["mfu"] is not None else f"{'-':>7}"
+        cpu_busy = f"{100 * r['cpu_busy']:8.0f}%" if device == "cpu" else f"{'-':>9}"
         timed = r["step_seconds"][warmup:]
-        print(f"{side:5} {r['tokens_per_s']:10,.0f} {sum(timed) / len(timed):8.2f} {r['peak_memory_gb']:13.2f} {mfu} "
-              f"{r['losses'][0]:8.4f} {r['grad_norms'][0]:8.3f} {r['losses'][-1]:9.4f} {r['process_seconds']:10.0f}")
+        print(f"{side:5} {r['tokens_per_s']:10,.0f} {r['tokens_per_s_median_step']:9,.0f} {sum(timed) / len(timed):8.2f} "
+              f"{r['peak_memory_gb']:13.2f} {mfu} {cpu_busy} {r['losses'][0]:8.4f} {r['grad_norms'][0]:8.3f} {r['losses'][-1]:9.4f} "
+              f"{r['process_seconds']:10.0f}")
     o, t_ = results["ours"], results["trl"]
     for side, r in results.items():
         print(f"{side} step seconds: " + " ".join(f"{x:.2f}" for x in r["step_seconds"]))
     print(f"load average (1 min) before/after: {load0:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"ratio ours/TRL: tokens/s {o['tokens_per_s'] / t_['tokens_per_s']:.2f}x, "
+    print(f"ratio ours/TRL: tokens/s {o['tokens_per_s'] / t_['tokens_per_s']:.2f}x "
+          f"(median step {o['tokens_per_s_median_step'] / t_['tokens_per_s_median_step']:.2f}x), "
           f"peak memory {o['peak_memory_gb'] / t_['peak_memory_gb']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "spec": {k: v for k, v in spec.items() if k != "order"},
