@@ -202,10 +202,6 @@ class PackedDataset:
         out["num_pad"] = int(row.column("num_pad")[0].as_py())
         return out
 
-    def supervised_tokens(self, indices: list[int] | None = None) -> int:
-        idx = range(len(self)) if indices is None else indices
-        return int(sum(int((self[i]["labels"] != IGNORE_INDEX).sum()) for i in idx))
-
 
 def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack packed rows into a batch with position ids that restart per sample."""

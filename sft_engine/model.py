@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sft_engine.io import atomic_dir, digest_files, digest_json, is_complete
 
@@ -93,7 +93,3 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, attn_implementa
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True, trust_remote_code=False
     )
-
-
-def model_config(folder: Path) -> object:
-    return AutoConfig.from_pretrained(folder, trust_remote_code=False)

@@ -7,6 +7,7 @@ Runs are driven through ``MlflowClient`` with explicit run ids rather than MLflo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 from collections.abc import Iterator
@@ -24,11 +25,32 @@ from sft_engine.config import PipelineConfig, config_to_dict, flatten
 _MAX_PARAM = 6000
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialize first use of a local SQLite store: two runs starting at once on a fresh file would both
+    run MLflow's schema creation and one fails ('table ... already exists')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///") :] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def client_for(cfg: PipelineConfig) -> tuple[MlflowClient, str]:
     """A client on the configured store and the experiment id (created with a local artifact folder)."""
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.resolved_tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
+    with _store_lock(uri):
+        return _experiment(MlflowClient(tracking_uri=uri), cfg, uri)
+
+
+def _experiment(client: MlflowClient, cfg: PipelineConfig, uri: str) -> tuple[MlflowClient, str]:
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return client, exp.experiment_id

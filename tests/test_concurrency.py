@@ -24,10 +24,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def prefect_api(tmp_path: Path):
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """A real Prefect server on loopback for this module's subprocess runs.
+
+    Subprocesses point at it rather than each starting Prefect's temporary server: a temporary
+    server outlives a SIGKILLed parent (it is a separate uvicorn process) and would be leaked.
+    """
     port = _port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect_server_home")), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -74,7 +79,7 @@ def test_two_runs_at_once_share_prefect_server_and_mlflow_store(prefect_api: str
     assert len(runs) == 2 * 5
 
 
-def test_pipeline_killed_mid_training_reruns_to_identical_model(tiny_model: Path, tmp_path: Path) -> None:
+def test_pipeline_killed_mid_training_reruns_to_identical_model(prefect_api: str, tiny_model: Path, tmp_path: Path) -> None:
     from sft_engine.io import digest_file
 
     base = [
@@ -82,7 +87,7 @@ def test_pipeline_killed_mid_training_reruns_to_identical_model(tiny_model: Path
         "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 300}]", "prepare.max_seq_len=128",
         "train.max_steps=60", "train.grad_accum=1", "train.checkpoint_every=5", "train.lr=1e-3",
     ]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home")}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*base, f"work_dir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
