@@ -46,12 +46,14 @@ def _mix(x: np.ndarray) -> np.ndarray:
 def shingle_hashes(texts: pl.Series, ngram: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of every word ``ngram``-shingle of every text, flat, plus per-document offsets.
 
-    Texts are lowercased, punctuation-stripped and split on whitespace. A text with fewer than
+    Texts are lowercased and split into words at every run of non-alphanumerics (whitespace of any
+    kind included). A text with fewer than
     ``ngram`` words yields one shingle of all its words; an empty text yields none.
     """
     if ngram > len(_MULTS):
         raise ValueError(f"ngram must be at most {len(_MULTS)}")
-    words = texts.str.to_lowercase().str.replace_all(r"[^\p{L}\p{N}\s]", " ").str.split(" ").list.eval(
+    # Any run of non-alphanumerics (spaces, newlines, tabs, punctuation) separates words.
+    words = texts.str.to_lowercase().str.replace_all(r"[^\p{L}\p{N}]+", " ").str.split(" ").list.eval(
         pl.element().filter(pl.element() != "")
     )
     counts = words.list.len().fill_null(0).to_numpy().astype(np.int64)

@@ -25,8 +25,10 @@ def _corpus(n_base: int = 1500, n_planted: int = 300, seed: int = 0) -> list[str
 
 
 def test_shingles_are_word_ngrams_within_documents() -> None:
-    sh, off = shingle_hashes(pl.Series(["a b c d e f", "A, b! c d e f", "x y", ""]), ngram=5)
-    assert off.tolist() == [0, 2, 4, 5, 5]
+    sh, off = shingle_hashes(pl.Series(["a b c d e f", "A, b! c d e f", "x y", "", "a\tb\nc  d\r\ne f"]), ngram=5)
+    assert off.tolist() == [0, 2, 4, 5, 5, 7]
+    # Newlines and tabs separate words like spaces do.
+    assert sh[5:7].tolist() == sh[0:2].tolist()
     # Case and punctuation do not matter; short texts give one shingle; empty ones none.
     assert sh[0:2].tolist() == sh[2:4].tolist()
     assert len(set(sh[0:2].tolist())) == 2
