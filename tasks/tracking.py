@@ -10,9 +10,9 @@ import contextlib
 import fcntl
 import json
 import math
-from collections.abc import Iterator
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +86,72 @@ def start_run(
     all_tags = {"mlflow.runName": name, "sft.stage": name, "git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    try:
+    flow_run_id = _prefect_flow_run_id()
+    if flow_run_id:
         from prefect.runtime import flow_run
 
-        if flow_run.id:
-            all_tags["prefect.flow_run_id"] = str(flow_run.id)
-            all_tags["prefect.flow_run_name"] = str(flow_run.name)
-    except Exception:  # outside a Prefect run the runtime has no ids
-        pass
+        all_tags["prefect.flow_run_id"] = flow_run_id
+        all_tags["prefect.flow_run_name"] = str(flow_run.name)
+        ui_url = prefect_flow_run_url(flow_run_id)
+        if ui_url:
+            all_tags["prefect.flow_run_url"] = ui_url
     run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    if flow_run_id:
+        link_flow_run(client, run.info.run_id, flow_run_id, cfg.resolved_tracking_uri(), run.info.experiment_id)
     return client, run.info.run_id
+
+
+def _prefect_flow_run_id() -> str | None:
+    """The current Prefect flow run's id; None outside a flow run."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
+
+
+def prefect_flow_run_url(flow_run_id: str) -> str | None:
+    """The Prefect UI page of a flow run, when a UI is known (PREFECT_UI_URL, or derived from PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_UI_URL
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=flow_run_id) if PREFECT_UI_URL.value() else None
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of a run when the store is a tracking server (http/https), else None."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def link_flow_run(client: MlflowClient, run_id: str, flow_run_id: str, tracking_uri: str, experiment_id: str) -> None:
+    """Back-link a Prefect flow run to its MLflow run: a flow-run tag ``mlflow_run_id:<id>`` (searchable in the
+    Prefect UI), a markdown artifact with the run id, store and how to open it, and a link artifact when the
+    store is an MLflow server. A failure here is logged, never raised: a missing link must not fail a training run."""
+    import logging
+
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.client.orchestration import get_client
+
+    url = mlflow_run_url(tracking_uri, experiment_id, run_id)
+    if url:
+        how = f"[open the MLflow run]({url})"
+    else:
+        local = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+        how = f"`mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1`, then {local}"
+    name = client.get_run(run_id).data.tags.get("mlflow.runName", run_id)
+    markdown = (
+        f"### MLflow run `{name}`\n\n| | |\n|---|---|\n| run id | `{run_id}` |\n| experiment id | `{experiment_id}` |\n"
+        f"| tracking store | `{tracking_uri}` |\n\nOpen: {how}\n"
+    )
+    try:
+        create_markdown_artifact(markdown, key="mlflow-run", description=f"MLflow run {run_id}")
+        if url:
+            create_link_artifact(url, link_text=f"MLflow run {name} ({run_id})", key="mlflow-run-link")
+        with get_client(sync_client=True) as prefect:
+            tags = prefect.read_flow_run(flow_run_id).tags
+            prefect.update_flow_run(flow_run_id, tags=sorted({*tags, f"mlflow_run_id:{run_id}"}))
+    except Exception as exc:  # noqa: BLE001 - any API failure: warn and go on
+        logging.getLogger(__name__).warning("could not link Prefect flow run %s to MLflow run %s: %s", flow_run_id, run_id, exc)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -142,10 +198,13 @@ def system_metrics(cfg: PipelineConfig, run_id: str, interval: float = 5.0) -> I
 
 def register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> str:
     """Register a run's logged model folder in the Model Registry; returns the new version."""
+    from mlflow.exceptions import MlflowException
+
     try:
         client.create_registered_model(name)
-    except Exception:  # already registered: add a version
-        pass
+    except MlflowException as exc:  # already registered: add a version
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     return client.create_model_version(name, source, run_id=run_id).version
 
@@ -163,5 +222,8 @@ def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
 
 
 def ui_hint(cfg: PipelineConfig) -> str:
-    """The command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri {cfg.resolved_tracking_uri()} --host 127.0.0.1"
+    """Where to browse this store: the server's URL, or the command that opens the MLflow UI on a local store."""
+    uri = cfg.resolved_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"

@@ -1,0 +1,133 @@
+"""The operating commands of ``sft-pipeline``: ``serve``, ``deploy`` (Prefect deployments) and ``servers``.
+
+Kept apart from ``flows/cli.py`` so that building the parser imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+COMMANDS = ("serve", "deploy", "servers")
+
+DEPLOY_EPILOG = textwrap.dedent(
+    """
+    Parameters stored on the deployment are the resolved config (YAML + overrides, every default filled in)
+    and --until: each flow run then records exactly what it ran, and "run again" reproduces it after the YAML
+    changed. Serve or deploy again under the same --name to pick up an edited YAML.
+
+    Needs a Prefect server (PREFECT_API_URL): `sft-pipeline servers up` starts one on 127.0.0.1.
+    Relative paths in the config resolve against the directory you run this from.
+
+      sft-pipeline serve  -c conf/demo.yaml --cron "0 3 * * *" train.max_steps=50
+      sft-pipeline deploy -c conf/demo.yaml --pool training && prefect worker start --pool training --type process
+      prefect deployment run sft_pipeline/sft-demo          # one run now
+    """
+)
+
+
+def _not_empty_cron(value: str) -> str | None:
+    return None if value.lower() in ("", "none", "off") else value
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``deploy`` and ``servers`` to the ``sft-pipeline`` sub-command parser."""
+    from flows import servers
+
+    helps = {
+        "serve": "Register the pipeline as a Prefect deployment with a cron schedule and run its flow runs here (blocks).",
+        "deploy": "Register the pipeline as a deployment on a Prefect work pool; workers of the pool run it.",
+    }
+    for name, help_text in helps.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=DEPLOY_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", "-c", default="conf/demo.yaml", help="pipeline YAML (default: %(default)s)")
+        p.add_argument("--cron", default="0 3 * * *", type=_not_empty_cron,
+                       help="schedule, cron syntax in UTC (default: '%(default)s'); 'none' for trigger-only")
+        p.add_argument("--name", help="deployment name (default: the config's experiment); runs as sft_pipeline/<name>")
+        p.add_argument("--until", default="evaluate", choices=("curate", "prepare", "train", "evaluate"),
+                       help="last stage of each run (default: %(default)s)")
+        if name == "serve":
+            p.add_argument("--limit", type=int, default=1, help="flow runs at once in this process (default: %(default)s)")
+        else:
+            p.add_argument("--pool", required=True, help="work pool name (a 'process' pool is created if missing)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5")
+
+    help_text = "Start, stop or check a local MLflow tracking server and Prefect server (127.0.0.1 by default)."
+    p = sub.add_parser("servers", help=help_text, description=help_text + "\n\n" + (servers.__doc__ or "").replace("``", ""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--dir", type=Path, default=servers.DEFAULT_DIR, help="pid files, logs, databases (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s; 0.0.0.0 exposes them)")
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--prefect-db", help="Prefect database URL, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect "
+                   "(default: SQLite under --dir)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for both to answer (default: %(default)s)")
+
+
+def _servers(args: argparse.Namespace) -> int:
+    from flows import servers
+
+    if args.action == "down":
+        stopped = servers.servers_down(args.dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"no servers of {args.dir} were running")
+        return 0
+    if args.action == "status":
+        status = servers.servers_status(args.dir)
+        if not status:
+            print(f"no servers recorded in {args.dir}: `sft-pipeline servers up --dir {args.dir}`")
+            return 1
+        for name, s in status.items():
+            state = "up" if s["healthy"] else ("running, not answering" if s["pid"] else "down")
+            print(f"{name:8} {state:24} {s['url']}  pid {s['pid'] or '-'}  log {s['log']}")
+        return 0 if all(s["healthy"] for s in status.values()) else 1
+    start = time.monotonic()
+    try:
+        endpoints = servers.servers_up(args.dir, args.host, args.mlflow_port, args.prefect_port, args.prefect_db, args.timeout)
+    except RuntimeError as exc:
+        print(f"sft-pipeline: {exc}", file=sys.stderr)
+        return 1
+    print(f"up in {time.monotonic() - start:.1f} s (logs and pid files in {args.dir})")
+    print(f"  MLflow UI + tracking  {endpoints['mlflow'].url}")
+    print(f"  Prefect UI            {endpoints['prefect'].url}   (API {endpoints['prefect'].url}/api)")
+    print("point pipeline runs and workers at them:")
+    print(servers.exports(endpoints))
+    print(f"stop: sft-pipeline servers down --dir {args.dir}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute one of ``COMMANDS``; returns the exit status."""
+    if args.command == "servers":
+        return _servers(args)
+    from prefect.settings import PREFECT_API_URL
+
+    from sft_engine.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"sft-pipeline: {exc}", file=sys.stderr)
+        return 2
+    if not PREFECT_API_URL.value():
+        print("sft-pipeline: a deployment needs a Prefect server; start one with `sft-pipeline servers up`, then "
+              "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    from flows import deploy
+
+    name = args.name or cfg.experiment
+    schedule = f"cron '{args.cron}' (UTC)" if args.cron else "no schedule"
+    if args.command == "deploy":
+        dep_id = deploy.deploy_to_pool(cfg, args.pool, name, args.cron, args.until, args.config, args.overrides)
+        print(f"deployment sft_pipeline/{name} ({dep_id}) on pool '{args.pool}', {schedule}")
+        print(f"run it: prefect worker start --pool {args.pool} --type process   (on each training machine)")
+        print(f"one run now: prefect deployment run sft_pipeline/{name}")
+        return 0
+    deployment = deploy.build_deployment(cfg, name, args.cron, args.until, args.config, args.overrides)
+    print(f"serving sft_pipeline/{name}, {schedule}; one run now: prefect deployment run sft_pipeline/{name}")
+    deploy.serve_pipeline(deployment, limit=args.limit)
+    return 0
