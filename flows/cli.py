@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
+from flows import ops_cli
 from sft_engine.config import ConfigError, PipelineConfig, config_to_dict, load_config
 
 EPILOG = textwrap.dedent(
@@ -40,7 +42,9 @@ STAGE_HELP = {
     "curate": "Read, normalize, validate, dedup and split the sources (Polars).",
     "prepare": "Curate if needed, then render chat templates, mask labels and pack.",
     "train": "Curate and prepare if needed, then fine-tune with DeepSpeed.",
-    "evaluate": "Everything before it if needed, then held-out loss of base vs tuned and generations.",
+    "evaluate": "Everything before it if needed, then base vs tuned: held-out loss, knowledge retention (lm-eval: "
+    "MMLU, OpenBookQA, PIQA...), IFBench instruction following, the verifiable task set; applies evaluate.gate. "
+    "With --model PATH, evaluates any local Hugging Face model folder instead of training one.",
 }
 
 
@@ -54,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     extra = {
+        "sweep": "Mix sweep: train and evaluate every variant of the config's 'sweep:' section (named overrides, a grid "
+        "over weights, leave-one-out) on one token budget and the same held-out items; print and log the comparison "
+        "(see conf/demo_sweep.yaml). Finished variants are reused, so adding one runs only that one.",
         "show-config": "Print the resolved config (YAML + overrides) and exit.",
         "preview-mask": "Dry run: curate if needed, then print one rendered training example with the supervised "
         "tokens highlighted, so you can check the loss mask before a long run.",
@@ -67,9 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                 help="curate and prepare if needed, then print the exact launcher command for training (train.nproc, "
                 "train.hostfile) instead of running it",
             )
+        if name == "evaluate":
+            p.add_argument(
+                "--model", dest="eval_model", default=None, metavar="PATH",
+                help="a local Hugging Face model folder to evaluate against the config's base model (skips training)",
+            )
         if name == "preview-mask":
             p.add_argument("--row", type=int, default=0, help="row of the curated train split to show (default: %(default)s)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5 model=/path")
+    ops_cli.add_commands(sub)  # serve, deploy, servers
     return parser
 
 
@@ -110,25 +123,23 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
         if key in result:
             table.add_row(key, str(result[key]))
     console.print(table)
-    metrics = result.get("metrics")
-    if metrics:
-        t = Table(title="held-out evaluation (loss per supervised token)")
-        t.add_column("model")
-        t.add_column("loss", justify="right")
-        t.add_column("perplexity", justify="right")
-        t.add_column("exact answer", justify="right")
-        for name in ("base", "tuned"):
-            if name in metrics:
-                m = metrics[name]
-                exact = f"{m['exact_answer']:.2f}" if "exact_answer" in m else "-"
-                t.add_row(name, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", exact)
-        console.print(t)
+    if result.get("table"):
+        from sft_engine.evaluate import format_table
+
+        console.print("\nevaluation (± one standard error; loss: lower is better)")
+        console.print(format_table(result["table"]), markup=False)
+        gate = result["gate"]
+        console.print(f"gate: {'passed' if gate['passed'] else 'FAILED'}" + "".join(f"\n  - {r}" for r in gate["reasons"]), markup=False)
+        if result.get("registered_version"):
+            console.print(f"registered: {cfg.evaluate.register_model} version {result['registered_version']}")
     console.print(f"MLflow parent run: {result['mlflow_run_id']}  store: {result['tracking_uri']}")
     console.print(f"browse: mlflow ui --backend-store-uri {cfg.resolved_tracking_uri()} --host 127.0.0.1")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ops_cli.COMMANDS:
+        return ops_cli.run(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -151,12 +162,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "preview-mask":
         preview_mask(cfg, args.row)
         return 0
+    if args.command == "sweep":
+        from flows.sweep import sft_sweep
+
+        result = sft_sweep(config=config_to_dict(cfg))
+        print((Path(result["output_dir"]) / "comparison.md").read_text())
+        print(f"MLflow sweep run: {result['mlflow_run_id']}  artifacts: {result['output_dir']}")
+        return 0
     from flows.pipeline import sft_pipeline
+    from sft_engine.evaluate import GateFailed
 
     until = "evaluate" if args.command == "run" else args.command
-    result = sft_pipeline(config=config_to_dict(cfg), until=until)
+    model = getattr(args, "eval_model", None)
+    if model is not None and not (Path(model) / "config.json").is_file():
+        print(f"sft-pipeline: --model {model} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        result = sft_pipeline(config=config_to_dict(cfg), until=until, model=str(Path(model).resolve()) if model else None)
+    except GateFailed as exc:
+        print(f"sft-pipeline: {exc}\nEvery result is in MLflow (tag sft.gate=failed); relax evaluate.gate or fix the run.", file=sys.stderr)
+        return 3
     _print_summary(result, cfg)
-    print(json.dumps({k: v for k, v in result.items() if k != "metrics"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("metrics", "table")}))
     return 0
 
 

@@ -7,13 +7,18 @@ names the key, what it accepts, and the closest valid key.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The evaluation sets the pipeline ships (sft_engine.evalsets reads them from installed packages).
+MultipleChoiceSet = Literal["mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
+BuiltinEvalSet = Literal["verifiable_tasks_eval", "ifbench", "mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
 
 
 class ConfigError(ValueError):
@@ -96,7 +101,11 @@ class EvalSetConfig(_Strict):
 
     name: str = Field(description="Name used in drop reasons and reports (decontam_<name>).")
     path: str | None = Field(default=None, description="File with one item per row.")
-    builtin: Literal["verifiable_tasks_eval"] | None = Field(default=None, description="The project's own held-out task set.")
+    builtin: BuiltinEvalSet | None = Field(
+        default=None,
+        description="A shipped eval set (the same items the evaluate stage scores): verifiable_tasks_eval, "
+        "mmlu, openbookqa, commonsenseqa, piqa, siqa, boolq, ifbench.",
+    )
     fields: list[str] = Field(
         default_factory=lambda: ["question", "prompt", "instruction", "input", "text", "answer", "output"],
         description="Text fields of an item that are checked (those present are joined).",
@@ -105,7 +114,7 @@ class EvalSetConfig(_Strict):
     @model_validator(mode="after")
     def _one_origin(self) -> EvalSetConfig:
         if (self.path is None) == (self.builtin is None):
-            raise ValueError(f"eval set '{self.name}': set exactly one of 'path' or 'builtin' (verifiable_tasks_eval)")
+            raise ValueError(f"eval set '{self.name}': set exactly one of 'path' or 'builtin'")
         return self
 
 
@@ -115,6 +124,11 @@ class DecontamConfig(_Strict):
     ngram: int = Field(default=13, ge=8, le=13, description="Words per n-gram (8-13); items shorter than this match whole.")
     action: Literal["drop", "flag"] = Field(default="drop", description="drop = reason decontam_<set>; flag = keep, record the match.")
     eval_sets: list[EvalSetConfig] = Field(default_factory=list, description="Eval sets to check against ([] = off).")
+    include_evaluation_sets: bool = Field(
+        default=True,
+        description="Also check every shipped set the evaluate stage scores (knowledge tasks, ifbench, verifiable tasks), "
+        "so training data never overlaps an item the evaluation may score.",
+    )
 
 
 class CurateConfig(_Strict):
@@ -201,9 +215,6 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(default=None, ge=1, description="Held-out loss every N steps during training (None = off).")
     eval_max_rows: int | None = Field(default=32, ge=1, description="Held-out packed rows used by eval_every (None = all).")
     log_model: bool = Field(default=False, description="Also copy the final Hugging Face folder into MLflow as artifacts.")
-    register_model: str | None = Field(
-        default=None, description="Register the logged model under this name in the MLflow Model Registry (implies log_model)."
-    )
     checkpoint_every: int | None = Field(default=None, ge=1, description="Save a DeepSpeed checkpoint every N steps (None = off).")
     keep_checkpoints: int = Field(default=2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     resume: Literal["auto", "never"] = Field(default="auto", description="auto = continue from the latest complete checkpoint.")
@@ -217,14 +228,113 @@ class TrainConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
-    """Held-out loss of base vs tuned, and a generation sample."""
+class KnowledgeConfig(_Strict):
+    """Knowledge retention: log-likelihood multiple choice through lm-eval (catches forgetting)."""
 
-    compare_base: bool = Field(default=True, description="Also evaluate the base model on the same held-out split.")
+    tasks: list[MultipleChoiceSet] = Field(
+        default_factory=lambda: ["mmlu", "openbookqa", "piqa"],
+        description="Shipped sets: mmlu, openbookqa, commonsenseqa, piqa, siqa, boolq ([] = off).",
+    )
+    limit: int | None = Field(default=100, ge=1, description="First N items of each set (None = all; stderr grows as N shrinks).")
+    num_fewshot: int = Field(default=0, ge=0, le=5)
+    batch_size: int = Field(default=8, ge=1)
+
+
+class GateConfig(_Strict):
+    """What the tuned model must show before the run is tagged passed and the model is registered."""
+
+    heldout_loss_must_drop: bool = Field(default=True, description="Tuned held-out loss below the base model's.")
+    max_knowledge_drop: float | None = Field(
+        default=2.0, ge=0, description="Largest drop in accuracy points (of 100) allowed on any knowledge set (None = off)."
+    )
+    min_scores: dict[str, float] = Field(
+        default_factory=dict, description="Table metric -> minimum tuned value, e.g. {tasks.exact_match: 0.3}."
+    )
+
+
+class EvalConfig(_Strict):
+    """Base vs tuned on the same items: held-out loss, knowledge retention, instruction following, own tasks."""
+
+    compare_base: bool = Field(default=True, description="Also evaluate the base model on the same items.")
     micro_batch_size: int = Field(default=2, ge=1)
     max_heldout_rows: int | None = Field(default=None, ge=1, description="Cap on held-out packed rows (None = all).")
-    generate_samples: int = Field(default=4, ge=0, description="Held-out prompts to generate answers for.")
-    max_new_tokens: int = Field(default=48, ge=1)
+    generate_samples: int = Field(default=4, ge=0, description="Held-out prompts to generate answers for (shown, not scored).")
+    max_new_tokens: int = Field(default=48, ge=1, description="Generation cap for samples and the task set.")
+    gen_batch_size: int = Field(default=8, ge=1, description="Prompts generated together (greedy, left-padded).")
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
+    ifbench_limit: int = Field(default=50, ge=0, le=294, description="IFBench prompts scored by rule checkers (0 = off).")
+    ifbench_max_new_tokens: int = Field(default=256, ge=1, description="Generation cap for IFBench answers.")
+    tasks_limit: int = Field(default=50, ge=0, le=500, description="Held-out verifiable tasks scored by exact match (0 = off).")
+    gate: GateConfig = Field(default_factory=GateConfig)
+    register_model: str | None = Field(
+        default=None, description="MLflow registered-model name; the tuned model is registered only if the gate passes."
+    )
+
+
+# Optional task runners and the package each needs (the `scale` extra installs both).
+_RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "prefect-ray")}
+
+
+class RunnerConfig(_Strict):
+    """Where curation's row-local work runs: one Prefect task per source or shard, on a task runner.
+
+    Dedup (exact and near), the held-out split and mixing stay one global step over every shard, so
+    every runner gives byte-identical outputs.
+    """
+
+    kind: Literal["sequential", "threads", "dask", "ray"] = Field(
+        default="sequential",
+        description="sequential = in the flow's process, one unit after another; threads = a thread pool; "
+        "dask = a local Dask cluster of `workers` processes (or the scheduler at `address`); ray = local Ray with "
+        "`workers` CPUs (or the cluster at `address`). dask and ray need pip install -e '.[scale]'.",
+    )
+    workers: int = Field(default=2, ge=1, description="Threads, Dask worker processes or Ray CPUs of a local runner.")
+    address: str | None = Field(
+        default=None,
+        description="An existing cluster to use instead of a local one: a Dask scheduler (tcp://host:8786) or Ray (ray://host:10001).",
+    )
+    files_per_shard: int = Field(
+        default=1, ge=1, description="Files of a glob source per unit of work (a source with `limit` is always one unit)."
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _installed(cls, kind: str) -> str:
+        if kind in _RUNNER_PACKAGES and importlib.util.find_spec(_RUNNER_PACKAGES[kind][0]) is None:
+            package = _RUNNER_PACKAGES[kind][1]
+            raise ValueError(
+                f"runner.kind={kind} needs {package}, which is not installed: pip install -e '.[scale]' "
+                f"(or set runner.kind=threads to stay on this machine)"
+            )
+        return kind
+
+
+class SweepVariant(_Strict):
+    """One named variant of the pipeline config."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.=,-]+$", description="Variant name (letters, digits, _ . = , -).")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides, exactly as on the command line.")
+
+
+class SweepConfig(_Strict):
+    """Mix sweeps (`sft-pipeline sweep`): several variants trained on one token budget, compared on the same items."""
+
+    baseline: bool = Field(default=True, description="Include the config as written, as the variant 'baseline'.")
+    variants: list[SweepVariant] = Field(default_factory=list, description="Named override sets.")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Override key -> values; one variant per combination, e.g. {curate.sources.0.weight: [0.5, 2.0]}.",
+    )
+    leave_one_out: bool = Field(default=False, description="Add one variant per source with that source removed (without_<name>).")
+    token_budget: int | None = Field(
+        default=None, ge=1,
+        description="Training tokens per variant: every variant gets train.max_steps = budget / (max_seq_len x "
+        "micro_batch_size x grad_accum x nproc), so mixes are compared at equal compute (None = the config's own steps).",
+    )
+    max_concurrent: int = Field(default=1, ge=1, description="Variants run at once (1 = one after another).")
+    runner: Literal["threads", "dask", "ray"] = Field(
+        default="threads", description="Task runner for concurrent variants (dask/ray need the 'scale' extra)."
+    )
 
 
 class PipelineConfig(_Strict):
@@ -244,6 +354,22 @@ class PipelineConfig(_Strict):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    sweep: SweepConfig | None = Field(default=None, description="Variants for `sft-pipeline sweep` (ignored by other commands).")
+
+    @model_validator(mode="after")
+    def _decontaminate_evaluated_sets(self) -> PipelineConfig:
+        """One source of truth: what evaluation scores is what curation decontaminates against."""
+        dc = self.curate.decontaminate
+        if dc.include_evaluation_sets:
+            scored = [*self.evaluate.knowledge.tasks]
+            scored += ["ifbench"] if self.evaluate.ifbench_limit else []
+            scored += ["verifiable_tasks_eval"] if self.evaluate.tasks_limit else []
+            present = {es.builtin for es in dc.eval_sets}
+            added = [EvalSetConfig(name=name, builtin=name) for name in scored if name not in present]
+            if added:
+                dc.eval_sets = [*dc.eval_sets, *added]
+        return self
 
     def resolved_tracking_uri(self) -> str:
         """The MLflow URI in force: explicit config, then the environment, then local SQLite."""

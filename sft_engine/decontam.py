@@ -16,18 +16,14 @@ import numpy as np
 import polars as pl
 
 from sft_engine.config import DecontamConfig, EvalSetConfig
-from sft_engine.demo_data import verifiable_task_rows
+from sft_engine.evalsets import eval_texts
 from sft_engine.near_dedup import shingle_hashes
-
-# The built-in eval set: generator items from a seed range training data never uses.
-EVAL_SEED = 1_000_003
 
 
 def eval_items(es: EvalSetConfig) -> list[str]:
     """The text of every item of one eval set (the configured fields present, joined)."""
-    if es.builtin == "verifiable_tasks_eval":
-        # The prompt is what identifies a task; answers are short and shared by many prompts.
-        return [f"{r['instruction']}\n\n{r['input']}" for r in verifiable_task_rows(500, seed=EVAL_SEED)]
+    if es.builtin is not None:
+        return eval_texts(es.builtin)
     else:
         assert es.path is not None
         rows = []

@@ -26,11 +26,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum over packed samples of each sample's mean token loss, and the number of samples with a loss.
+def segment_loss_sums(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per packed sample: the sum of its token losses and its supervised-token count (samples without one omitted).
 
-    Samples are the segments where ``position_ids`` restarts at 0. For per-sample averaging the
-    caller divides by the sample count of the whole global batch.
+    Samples are the segments where ``position_ids`` restarts at 0.
     """
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
@@ -45,7 +44,16 @@ def sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: to
     sums = torch.zeros(n_seg, dtype=tok.dtype, device=tok.device).index_add(0, segment, tok * mask)
     counts = torch.zeros(n_seg, dtype=tok.dtype, device=tok.device).index_add(0, segment, mask)
     has = counts > 0
-    return (sums[has] / counts[has]).sum(), int(has.sum())
+    return sums[has], counts[has]
+
+
+def sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over packed samples of each sample's mean token loss, and the number of samples with a loss.
+
+    For per-sample averaging the caller divides by the sample count of the whole global batch.
+    """
+    sums, counts = segment_loss_sums(logits, labels, position_ids)
+    return (sums / counts).sum(), int(counts.numel())
 
 
 def sample_count(labels: torch.Tensor, position_ids: torch.Tensor) -> int:

@@ -11,7 +11,7 @@ import glob
 import importlib.metadata
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from sft_engine import __version__, plots
 from sft_engine.config import PipelineConfig, SourceConfig, config_to_dict
 from sft_engine.curate import check_rows, dedup_and_split, finalize, read_source, source_files
 from sft_engine.data import prepare_split
-from sft_engine.evaluate import generate_samples, heldout_loss
+from sft_engine.evalsets import ifbench_items, verifiable_items
+from sft_engine.evaluate import generate, generate_samples, heldout_loss, results_table, score_tasks
+from sft_engine.instruct import score_ifbench
 from sft_engine.io import (
     atomic_dir,
     digest_file,
@@ -34,6 +36,7 @@ from sft_engine.io import (
     stage_dir,
     write_json_atomic,
 )
+from sft_engine.knowledge import run_knowledge
 from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
 from sft_engine.train import TrainResult, deepspeed_config, train
 
@@ -52,17 +55,21 @@ class StageOutput:
 # ---- keys -------------------------------------------------------------------------------------
 
 
-def _source_identity(s: SourceConfig) -> Any:
-    """Content identity of a source: file digests, or the generator's package version."""
+def _source_identity(s: SourceConfig, digests: dict[Path, str] | None = None) -> Any:
+    """Content identity of a source: file digests (``digests`` when already computed), or the generator's package version."""
     if s.builtin == "chitchat":
         return [s.builtin, importlib.metadata.version("chitchat-dataset")]
     if s.builtin is not None:
         return [s.builtin, __version__]
-    return [[str(p), digest_path(p)] for p in source_files(s)]
+    if digests is None:
+        digests = {p: digest_path(p) for p in source_files(s)}
+    return [[str(p), d] for p, d in digests.items()]
 
 
 # Curation config that row-local checks depend on; dedup, split and mixing settings are not in it.
 _ROW_KEYS = ("min_chars", "max_chars", "min_turns", "max_turns", "max_row_bytes", "quality", "decontaminate")
+# Source settings that only change the mix, never a row's checks.
+_MIX_KEYS = frozenset({"weight", "target_rows", "max_rows"})
 
 
 def _eval_sets_identity(cfg: PipelineConfig) -> list[Any]:
@@ -76,28 +83,53 @@ def _eval_sets_identity(cfg: PipelineConfig) -> list[Any]:
     return out
 
 
+def _row_checks(cfg: PipelineConfig) -> dict[str, Any]:
+    """The row-local check settings, with the contents of the eval sets they check against."""
+    checks = {k: v for k, v in config_to_dict(cfg.curate).items() if k in _ROW_KEYS}
+    checks["eval_sets_identity"] = _eval_sets_identity(cfg)
+    return checks
+
+
+def _source_key(cfg: PipelineConfig, s: SourceConfig, checks: dict[str, Any], digests: dict[Path, str] | None = None) -> str:
+    source = {k: v for k, v in config_to_dict(s).items() if k not in _MIX_KEYS}
+    return digest_json({"source": source, "identity": _source_identity(s, digests), "checks": checks, "seed": cfg.seed, "v": __version__})
+
+
 def source_key(cfg: PipelineConfig, s: SourceConfig) -> str:
     """Key of one source's row-local curation: its content, its reading options, the row checks. Not its weight."""
-    row_cfg = {k: v for k, v in config_to_dict(cfg.curate).items() if k in _ROW_KEYS}
-    row_cfg["eval_sets_identity"] = _eval_sets_identity(cfg)
-    source = {k: v for k, v in config_to_dict(s).items() if k not in {"weight", "target_rows", "max_rows"}}
-    return digest_json({"source": source, "identity": _source_identity(s), "checks": row_cfg, "seed": cfg.seed, "v": __version__})
+    return _source_key(cfg, s, _row_checks(cfg))
 
 
-def dedup_key(cfg: PipelineConfig) -> str:
-    """Key of the global dedup + split: every source's key and the dedup/split settings. Not the weights."""
+def _shard_key(cfg: PipelineConfig, s: SourceConfig, checks: dict[str, Any], digests: dict[Path, str]) -> str:
+    """Key of one shard's row-local curation: its own files (not the glob, not the other shards), the reading options, the checks."""
+    source = {k: v for k, v in config_to_dict(s).items() if k not in _MIX_KEYS | {"path"}}
+    shard = [[str(p), d] for p, d in digests.items()]
+    return digest_json({"shard": shard, "source": source, "checks": checks, "seed": cfg.seed, "v": __version__})
+
+
+def _dedup_key(cfg: PipelineConfig, source_keys: list[str]) -> str:
     c = config_to_dict(cfg.curate)
     return digest_json({
-        "sources": [source_key(cfg, s) for s in cfg.curate.sources],
+        "sources": source_keys,
         "dedup": [c["dedup"], c["near_dedup"], c["heldout_fraction"]],
         "seed": cfg.seed,
     })
 
 
+def dedup_key(cfg: PipelineConfig) -> str:
+    """Key of the global dedup + split: every source's key and the dedup/split settings. Not the weights."""
+    checks = _row_checks(cfg)
+    return _dedup_key(cfg, [_source_key(cfg, s, checks) for s in cfg.curate.sources])
+
+
+def _curate_key(cfg: PipelineConfig, dedup: str) -> str:
+    mix = [[s.name, s.weight, s.target_rows, s.max_rows] for s in cfg.curate.sources]
+    return digest_json({"dedup": dedup, "mix": mix, "seed": cfg.seed})
+
+
 def curate_key(cfg: PipelineConfig) -> str:
     """Key of the final curated splits: the dedup key plus the mix weights."""
-    mix = [[s.name, s.weight, s.target_rows, s.max_rows] for s in cfg.curate.sources]
-    return digest_json({"dedup": dedup_key(cfg), "mix": mix, "seed": cfg.seed})
+    return _curate_key(cfg, dedup_key(cfg))
 
 
 def prepare_key(cfg: PipelineConfig, curated: Path, model_dir: Path) -> str:
@@ -109,7 +141,7 @@ def prepare_key(cfg: PipelineConfig, curated: Path, model_dir: Path) -> str:
 
 
 # Training settings that cannot change the trained weights (resume is exact; logging happens after).
-_TRAIN_KEY_EXCLUDES = {"log_model", "register_model", "checkpoint_every", "keep_checkpoints", "resume", "threads"}
+_TRAIN_KEY_EXCLUDES = {"log_model", "checkpoint_every", "keep_checkpoints", "resume", "threads"}
 
 
 def train_key(cfg: PipelineConfig, prepared: Path, model_dir: Path) -> str:
@@ -121,51 +153,141 @@ def train_key(cfg: PipelineConfig, prepared: Path, model_dir: Path) -> str:
     })
 
 
+# Evaluation settings that decide what is scored; the gate and registry act on the scores afterwards.
+_EVAL_KEY_EXCLUDES = {"gate", "register_model"}
+
+
 def evaluate_key(cfg: PipelineConfig, prepared: Path, model_dir: Path, curated: Path) -> str:
     return digest_json({
         "data": read_json(prepared / "manifest.json")["digest"],
         "heldout": digest_file(curated / "heldout.parquet"),
-        "evaluate": config_to_dict(cfg.evaluate),
+        "evaluate": {k: v for k, v in config_to_dict(cfg.evaluate).items() if k not in _EVAL_KEY_EXCLUDES},
         "model": weights_digest(model_dir),
+        "base": weights_digest(resolve_model(cfg.model)) if cfg.evaluate.compare_base else None,
+        "v": __version__,
     })
 
 
 # ---- stages -----------------------------------------------------------------------------------
 
 
-def run_curate(cfg: PipelineConfig) -> StageOutput:
-    """Curate the configured sources into train/heldout/rejected Parquet files plus stats.
+# ---- curation: row-local units, then one global step -------------------------------------------
 
-    Three cached levels, so a curator changing one source or only the mix weights redoes only
-    what changed: per-source row checks (``curate_sources/``), the global dedup + split
-    (``curate_dedup/``), and the mixed splits (``curate/``).
+
+@dataclass(frozen=True)
+class CurateUnit:
+    """Row-local curation work: a whole source, or one shard (a group of files) of a glob source."""
+
+    source: str
+    label: str  # the source's name for a whole source, ``name[i]`` for its i-th shard
+    files: tuple[str, ...] | None  # the shard's files; None = the whole source
+    folder: Path  # curate_sources/<name>-<key>
+
+
+@dataclass(frozen=True)
+class CuratePlan:
+    """Curation's output folders, and the row-local units its global step still needs."""
+
+    out: Path  # curate/<key>: the mixed splits
+    dedup: Path  # curate_dedup/<key>: every row after global dedup + split
+    units: tuple[CurateUnit, ...]  # empty when ``out`` or ``dedup`` is already complete
+
+
+def plan_curate(cfg: PipelineConfig) -> CuratePlan:
+    """Key every curation level and cut the sources into units of row-local work.
+
+    A source is one unit, except a glob of several files without ``limit``: that is one unit per
+    ``runner.files_per_shard`` files, keyed by those files alone, so adding a shard to the glob leaves
+    the other shards' work cached. Each file is digested once, here.
     """
-    out = stage_dir(cfg.work_dir, "curate", curate_key(cfg))
-    if is_complete(out):
-        return StageOutput(out, reused=True)
-    cache: dict[str, Any] = {"sources_reused": [], "sources_computed": []}
-    dedup_dir = stage_dir(cfg.work_dir, "curate_dedup", dedup_key(cfg))
-    if is_complete(dedup_dir):
-        cache["dedup_reused"] = True
+    checks = _row_checks(cfg)
+    source_keys: list[str] = []
+    units: list[CurateUnit] = []
+    for s in cfg.curate.sources:
+        files = source_files(s) if s.path is not None else []
+        digests = {p: digest_path(p) for p in files}
+        source_keys.append(_source_key(cfg, s, checks, digests))
+        # `limit` counts rows across the whole source, so a limited source cannot be cut.
+        step = cfg.runner.files_per_shard if s.limit is None else max(1, len(files))
+        groups = [files[i:i + step] for i in range(0, len(files), step)]
+        if len(groups) <= 1:
+            units.append(CurateUnit(s.name, s.name, None, stage_dir(cfg.work_dir, "curate_sources", f"{s.name}-{source_keys[-1]}")))
+            continue
+        for i, group in enumerate(groups):
+            key = _shard_key(cfg, s, checks, {p: digests[p] for p in group})
+            folder = stage_dir(cfg.work_dir, "curate_sources", f"{s.name}-{key}")
+            units.append(CurateUnit(s.name, f"{s.name}[{i}]", tuple(str(p) for p in group), folder))
+    dedup = stage_dir(cfg.work_dir, "curate_dedup", _dedup_key(cfg, source_keys))
+    out = stage_dir(cfg.work_dir, "curate", _curate_key(cfg, dedup.name))
+    pending = not (is_complete(out) or is_complete(dedup))
+    return CuratePlan(out, dedup, tuple(units) if pending else ())
+
+
+def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
+    """Row-local curation of one unit (read, normalize, validate, length and quality filters,
+    decontamination) into ``<unit.folder>/rows.parquet``, written atomically; reused when complete.
+
+    Units share nothing, so they may run in any order, at once, in other processes or on other machines
+    (the folder must be on storage they all see).
+    """
+    if is_complete(unit.folder):
+        return StageOutput(unit.folder, reused=True)
+    source = {s.name: s for s in cfg.curate.sources}[unit.source]
+    if unit.files is None:
+        rows = read_source(source, cfg.seed, cfg.curate.max_row_bytes)
     else:
-        cache["dedup_reused"] = False
-        parts = []
-        for s in cfg.curate.sources:
-            src_dir = stage_dir(cfg.work_dir, "curate_sources", f"{s.name}-{source_key(cfg, s)}")
-            if is_complete(src_dir):
-                cache["sources_reused"].append(s.name)
-            else:
-                checked = check_rows(read_source(s, cfg.seed, cfg.curate.max_row_bytes), cfg.curate)
-                with atomic_dir(src_dir) as tmp:
-                    checked.write_parquet(tmp / "rows.parquet")
-                cache["sources_computed"].append(s.name)
-            parts.append(pl.read_parquet(src_dir / "rows.parquet"))
-        curated, near_info = dedup_and_split(pl.concat(parts), cfg.curate, cfg.seed)
-        with atomic_dir(dedup_dir) as tmp:
+        # Each file through the same reader (as a literal path); rows are numbered within the shard here
+        # and across the whole source by the global step.
+        parts = [read_source(source.model_copy(update={"path": glob.escape(f)}), cfg.seed, cfg.curate.max_row_bytes) for f in unit.files]
+        rows = pl.concat(parts).with_columns(row=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
+    checked = check_rows(rows, cfg.curate)
+    with atomic_dir(unit.folder) as tmp:
+        checked.write_parquet(tmp / "rows.parquet")
+    return StageOutput(unit.folder, reused=False)
+
+
+def _read_units(plan: CuratePlan) -> pl.DataFrame:
+    """Every unit's checked rows in plan order, with each sharded source's rows numbered 1.. across its shards."""
+    by_source: dict[str, list[pl.DataFrame]] = {}
+    for unit in plan.units:
+        by_source.setdefault(unit.source, []).append(pl.read_parquet(unit.folder / "rows.parquet"))
+    parts = [
+        frames[0] if len(frames) == 1 else pl.concat(frames).with_columns(row=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
+        for frames in by_source.values()
+    ]
+    return pl.concat(parts)
+
+
+def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[StageOutput]) -> StageOutput:
+    """Curation's global step over the finished unit folders: exact and near dedup across every source
+    and shard plus the held-out split (``curate_dedup/``), then mixing and the report (``curate/``).
+
+    ``units`` are ``run_curate_unit``'s results for ``plan.units``, in plan order, from any runner: the
+    output bytes are the same.
+    """
+    if is_complete(plan.out):
+        return StageOutput(plan.out, reused=True)
+    got = [u.path for u in units]
+    if got != [u.folder for u in plan.units] or not all(is_complete(p) for p in got):
+        raise ValueError(
+            f"run_curate_global needs the finished folders of the plan's {len(plan.units)} units in plan order, got {len(got)} "
+            "(run run_curate_unit on each of plan.units, and pass its results in the same order)"
+        )
+    cache: dict[str, Any] = {
+        "sources_reused": [u.label for u, r in zip(plan.units, units, strict=True) if r.reused],
+        "sources_computed": [u.label for u, r in zip(plan.units, units, strict=True) if not r.reused],
+        "dedup_reused": is_complete(plan.dedup),
+    }
+    if not cache["dedup_reused"]:
+        if not plan.units:
+            raise ValueError(f"{plan.dedup} was complete when curation was planned and is gone now; plan again (plan_curate)")
+        curated, near_info = dedup_and_split(_read_units(plan), cfg.curate, cfg.seed)
+        with atomic_dir(plan.dedup) as tmp:
             curated.write_parquet(tmp / "curated.parquet")
             write_json_atomic(tmp / "near_dedup.json", near_info)
-    curated = pl.read_parquet(dedup_dir / "curated.parquet")
-    train, heldout, rejected, stats = finalize(curated, read_json(dedup_dir / "near_dedup.json"), cfg.curate, cfg.seed)
+    out = plan.out
+    curated = pl.read_parquet(plan.dedup / "curated.parquet")
+    train, heldout, rejected, stats = finalize(curated, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
     stats["cache"] = cache
     with atomic_dir(out) as tmp:
         # Small row groups let preparation stream the splits batch by batch.
@@ -190,6 +312,19 @@ def run_curate(cfg: PipelineConfig) -> StageOutput:
         if stats.get("near_dedup", {}).get("cluster_sizes"):
             plots.histogram(stats["near_dedup"]["cluster_sizes"], tmp / "near_dup_clusters.png", "Near-duplicate clusters", "rows per cluster")
     return StageOutput(out, reused=False)
+
+
+def run_curate(cfg: PipelineConfig) -> StageOutput:
+    """Curate the configured sources into train/heldout/rejected Parquet files plus stats.
+
+    Three cached levels, so a curator changing one source or only the mix weights redoes only
+    what changed: row-local checks per source or shard (``curate_sources/``, see ``plan_curate``),
+    the global dedup + split (``curate_dedup/``), and the mixed splits (``curate/``). Here the units
+    run one after another; the curate flow can map them over threads, Dask or Ray instead (same
+    folders, same bytes).
+    """
+    plan = plan_curate(cfg)
+    return run_curate_global(cfg, plan, [run_curate_unit(cfg, u) for u in plan.units])
 
 
 def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], None] | None = None) -> StageOutput:
@@ -287,8 +422,70 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
     return StageOutput(out, reused=False)
 
 
+def _heldout_data(cfg: PipelineConfig, curated: Path, prepared: Path, folder: Path) -> Path:
+    """Packed held-out rows tokenized the way ``folder``'s model reads them (prepared again if its tokenizer differs)."""
+    if tokenizer_digest(folder) == tokenizer_digest(resolve_model(cfg.model)):
+        return prepared / "heldout.arrow"
+    return run_prepare(cfg.model_copy(update={"model": str(folder)}), curated).path / "heldout.arrow"
+
+
+# Evaluation settings that change one model's scores (compare_base, the gate and the registry do not).
+_SCORE_KEY_EXCLUDES = {"compare_base", "gate", "register_model"}
+
+
+def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: pl.DataFrame) -> StageOutput:
+    """Every suite for one model, cached by the model's weights and tokenizer, the held-out data and the
+    suite settings: ``metrics.json`` (flat ``<suite>.<metric>``), ``items.jsonl``, ``samples.json``.
+
+    The base model is scored once and reused by every fine-tune evaluated against it.
+    """
+    ev = cfg.evaluate
+    key = digest_json({
+        "weights": weights_digest(folder), "tokenizer": tokenizer_digest(folder), "heldout": digest_file(heldout_arrow),
+        "prompts": digest_json(prompts.select("messages").to_dicts()),
+        "evaluate": {k: v for k, v in config_to_dict(ev).items() if k not in _SCORE_KEY_EXCLUDES}, "v": __version__,
+    })
+    out = stage_dir(cfg.work_dir, "evaluate_models", key)
+    if is_complete(out):
+        return StageOutput(out, reused=True)
+    with atomic_dir(out) as tmp:
+        model, tokenizer = load_model(folder), load_tokenizer(folder)
+        flat = {f"heldout.{k}": v for k, v in heldout_loss(model, heldout_arrow, ev.micro_batch_size, ev.max_heldout_rows).items()}
+        items: list[dict[str, Any]] = []
+        if ev.knowledge.tasks:
+            scores, recs = run_knowledge(
+                model, tokenizer, list(ev.knowledge.tasks), tmp / "lm_eval_tasks", ev.knowledge.limit, ev.knowledge.num_fewshot,
+                ev.knowledge.batch_size,
+            )
+            shutil.rmtree(tmp / "lm_eval_tasks")
+            flat.update({f"knowledge.{t}.{k}": v for t, sc in scores.items() for k, v in sc.items()})
+            items += recs
+        if ev.ifbench_limit:
+            ifb = list(ifbench_items()[: ev.ifbench_limit])
+            chats = [[{"role": "user", "content": it["prompt"]}] for it in ifb]
+            scores_if, recs = score_ifbench(ifb, generate(model, tokenizer, chats, ev.ifbench_max_new_tokens, ev.gen_batch_size))
+            flat.update({f"ifbench.{k}": v for k, v in scores_if.items()})
+            items += recs
+        if ev.tasks_limit:
+            tasks = verifiable_items()[: ev.tasks_limit]
+            chats = [[{"role": "user", "content": it["prompt"]}] for it in tasks]
+            scores_t, recs = score_tasks(tasks, generate(model, tokenizer, chats, ev.max_new_tokens, ev.gen_batch_size))
+            flat.update({f"tasks.{k}": v for k, v in scores_t.items()})
+            items += recs
+        samples = generate_samples(model, tokenizer, prompts, ev.generate_samples, ev.max_new_tokens)
+        write_json_atomic(tmp / "metrics.json", flat)
+        (tmp / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
+        (tmp / "samples.json").write_text(json.dumps(samples, indent=2))
+    return StageOutput(out, reused=False)
+
+
 def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: Path) -> StageOutput:
-    """Held-out loss of the tuned model (and the base model, on the same split) plus generations."""
+    """Base vs tuned on the same items: held-out loss, knowledge (lm-eval), IFBench rules, the verifiable tasks.
+
+    Writes ``metrics.json`` (flat metrics per model), ``table.json``/``table.csv`` (metric, base, tuned, delta,
+    stderrs), ``items.jsonl`` (every scored item per model), ``samples.json`` and ``eval_table.png``.
+    """
+
     base_dir = resolve_model(cfg.model)
     out = stage_dir(cfg.work_dir, "evaluate", evaluate_key(cfg, prepared, tuned_dir, curated))
     if is_complete(out):
@@ -297,23 +494,22 @@ def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: 
     # Prompts taken round-robin over sources, so every source shows up in the generation sample.
     n_sources = max(1, heldout["source"].n_unique())
     prompts = heldout.group_by("source", maintain_order=True).head(-(-cfg.evaluate.generate_samples // n_sources))
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, Any] = {}
     models = {"tuned": tuned_dir, **({"base": base_dir} if cfg.evaluate.compare_base else {})}
-    for name, folder in models.items():
-        model = load_model(folder)
-        tokenizer = load_tokenizer(folder)
-        metrics[name] = heldout_loss(model, prepared / "heldout.arrow", cfg.evaluate.micro_batch_size, cfg.evaluate.max_heldout_rows)
-        gens = generate_samples(model, tokenizer, prompts, cfg.evaluate.generate_samples, cfg.evaluate.max_new_tokens)
-        samples[name] = gens
-        scored = [g["exact_answer"] for g in gens if g["exact_answer"] is not None]
-        if scored:
-            metrics[name]["exact_answer"] = sum(scored) / len(scored)
-        del model
-    if "base" in metrics:
-        metrics["delta_loss"] = metrics["tuned"]["loss"] - metrics["base"]["loss"]
     with atomic_dir(out) as tmp:
+        with (tmp / "items.jsonl").open("w", encoding="utf-8") as items_file:
+            for name, folder in models.items():
+                scored = score_model(cfg, folder, _heldout_data(cfg, curated, prepared, folder), prompts).path
+                metrics[name] = read_json(scored / "metrics.json")
+                samples[name] = json.loads((scored / "samples.json").read_text())
+                for line in (scored / "items.jsonl").read_text(encoding="utf-8").splitlines():
+                    items_file.write(json.dumps({"model": name, **json.loads(line)}) + "\n")
+        table = results_table(metrics)
         write_json_atomic(tmp / "metrics.json", metrics)
+        write_json_atomic(tmp / "table.json", table)
+        pl.DataFrame(table).write_csv(tmp / "table.csv")
         (tmp / "samples.json").write_text(json.dumps(samples, indent=2))
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.evaluate))
+        plots.eval_table(table, tmp / "eval_table.png")
     return StageOutput(out, reused=False)

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from sft_engine import stages
 from sft_engine.config import PipelineConfig, config_to_dict
+from sft_engine.evaluate import check_gate, format_table, table_metrics
 from sft_engine.io import read_json
 from tasks import tracking
 
@@ -40,12 +41,34 @@ def _cached_tag(client: Any, run_id: str, res: stages.StageOutput) -> None:
     client.set_tag(run_id, "output_dir", str(res.path))
 
 
+@task(name="curate-plan", cache_policy=NO_CACHE)
+def curate_plan_task(cfg: PipelineConfig) -> stages.CuratePlan:
+    """Key curation's levels and cut the sources into per-source or per-shard units of row-local work."""
+    plan = stages.plan_curate(cfg)
+    if plan.units:
+        get_run_logger().info("curate: %d row-local units to run or reuse: %s", len(plan.units), ", ".join(u.label for u in plan.units))
+    else:
+        get_run_logger().info("curate: dedup level already complete (%s), no row-local units needed", plan.dedup)
+    return plan
+
+
+@task(name="curate-unit", task_run_name="curate-unit {unit.label}", cache_policy=NO_CACHE)
+def curate_unit_task(cfg: PipelineConfig, unit: stages.CurateUnit) -> stages.StageOutput:
+    """Row-local checks of one source or shard into its own cached folder."""
+    res = stages.run_curate_unit(cfg, unit)
+    get_run_logger().info("curate unit %s -> %s%s", unit.label, res.path, " [reused]" if res.reused else "")
+    return res
+
+
 @task(name="curate", cache_policy=NO_CACHE)
-def curate_task(cfg: PipelineConfig, parent_run_id: str | None = None) -> Path:
-    """Read, normalize, validate, dedup and split the sources."""
+def curate_task(
+    cfg: PipelineConfig, parent_run_id: str | None = None, plan: stages.CuratePlan | None = None,
+    units: list[stages.StageOutput] | None = None,
+) -> Path:
+    """Dedup, split and mix the checked sources; given no ``plan``, runs every unit first, in this task."""
     log = get_run_logger()
     with stage_run(cfg, "curate", parent_run_id) as (client, run_id):
-        res = stages.run_curate(cfg)
+        res = stages.run_curate(cfg) if plan is None else stages.run_curate_global(cfg, plan, units or [])
         out = res.path
         stats = read_json(out / "stats.json")
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
@@ -117,37 +140,54 @@ def train_task(cfg: PipelineConfig, prepared: Path, parent_run_id: str | None = 
         tracking.log_metrics(client, run_id, {k: stats[k] for k in ("steps", "tokens", "supervised_tokens", "seconds", "tokens_per_s")})
         tracking.log_files(client, run_id, out)
         client.set_tag(run_id, "model_path", str(out / "model"))
-        if cfg.train.log_model or cfg.train.register_model:
+        if cfg.train.log_model:
             client.log_artifacts(run_id, str(out / "model"), "model")
-        if cfg.train.register_model:
-            version = tracking.register(client, run_id, cfg.train.register_model, "model")
-            log.info("train: registered model '%s' version %s", cfg.train.register_model, version)
         log.info("train: %d steps, loss %.4f -> %.4f, %.0f tokens/s", stats["steps"], stats["first_loss"], stats["final_loss"], stats["tokens_per_s"])
     return out / "model"
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: PipelineConfig, curated: Path, prepared: Path, model_dir: Path, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Held-out loss of base and tuned models on the same split, and a generation sample."""
+    """Base vs tuned on every suite; logs the table, plot and per-item outputs, and applies the gate."""
     log = get_run_logger()
     with stage_run(cfg, "evaluate", parent_run_id) as (client, run_id):
         res = stages.run_evaluate(cfg, curated, prepared, model_dir)
         out = res.path
         _cached_tag(client, run_id, res)
-        metrics = read_json(out / "metrics.json")
-        flat = {}
-        for name, value in metrics.items():
-            if isinstance(value, dict):
-                flat.update({f"{name}.{k}": v for k, v in value.items()})
-            else:
-                flat[name] = value
-        tracking.log_metrics(client, run_id, flat)
-        tracking.log_files(client, run_id, out)
-        if "base" in metrics:
-            log.info(
-                "evaluate: held-out loss base %.4f -> tuned %.4f (delta %+.4f)",
-                metrics["base"]["loss"], metrics["tuned"]["loss"], metrics["delta_loss"],
-            )
-        else:
-            log.info("evaluate: held-out loss tuned %.4f", metrics["tuned"]["loss"])
-    return metrics
+        table = read_json(out / "table.json")
+        passed, reasons = check_gate(table, cfg.evaluate.gate)
+        metrics = table_metrics(table)
+        tracking.log_metrics(client, run_id, metrics)
+        tracking.log_files(client, run_id, out, (".json", ".png", ".csv", ".jsonl"))
+        _gate_tags(client, run_id, passed, reasons)
+        log.info("evaluate:\n%s", format_table(table))
+        log.info("evaluate: gate %s%s", "passed" if passed else "FAILED: ", "; ".join(reasons))
+    return {"metrics": read_json(out / "metrics.json"), "table": table, "table_metrics": metrics, "gate": {"passed": passed, "reasons": reasons},
+            "output_dir": str(out), "mlflow_run_id": run_id}
+
+
+def _gate_tags(client: Any, run_id: str, passed: bool, reasons: list[str]) -> None:
+    client.set_tag(run_id, "sft.gate", "passed" if passed else "failed")
+    client.set_tag(run_id, "sft.gate_reasons", "; ".join(reasons)[:5000] or "-")
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(cfg: PipelineConfig, model_dir: Path, curated: Path, prepared: Path, run_id: str) -> str:
+    """Log the tuned model under the pipeline run and register it, tagged with what it was made from."""
+    assert cfg.evaluate.register_model is not None
+    client, _ = tracking.client_for(cfg)
+    client.log_artifacts(run_id, str(model_dir), "model")
+    version = str(tracking.register(client, run_id, cfg.evaluate.register_model, "model"))
+    tags = client.get_run(run_id).data.tags
+    lineage = {
+        "curated_digest": read_json(curated / "stats.json")["digest"],
+        "packed_digest": read_json(prepared / "manifest.json")["digest"],
+        "git_commit": tags.get("git_commit", ""),
+        "prefect_flow_run_id": tags.get("prefect.flow_run_id", ""),
+        "mlflow_run_id": run_id,
+        "gate": "passed",
+    }
+    for k, v in lineage.items():
+        client.set_model_version_tag(cfg.evaluate.register_model, version, k, v)
+    get_run_logger().info("registered model '%s' version %s", cfg.evaluate.register_model, version)
+    return version

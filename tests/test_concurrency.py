@@ -60,6 +60,10 @@ def test_two_runs_at_once_share_prefect_server_and_mlflow_store(prefect_api: str
     common = [
         f"model={tiny_model}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 100}]", "prepare.max_seq_len=256",
         "train.max_steps=2", "evaluate.generate_samples=1", "evaluate.max_new_tokens=4", "experiment=concurrent",
+        # every suite on a couple of items; the gate off (two steps of a random tiny model prove nothing)
+        "evaluate.knowledge.tasks=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench_limit=2",
+        "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=2", "evaluate.gate.heldout_loss_must_drop=false",
+        "evaluate.gate.max_knowledge_drop=null",
     ]
     procs = [
         subprocess.Popen(

@@ -12,15 +12,25 @@ from sft_engine.config import config_to_dict, load_config
 
 pytestmark = pytest.mark.slow
 
+# Every suite runs, on a few items each, with a gate the random tiny model can pass.
+TINY_EVAL = (
+    "evaluate.knowledge.tasks=[mmlu, boolq]", "evaluate.knowledge.limit=4", "evaluate.ifbench_limit=3",
+    "evaluate.ifbench_max_new_tokens=8", "evaluate.tasks_limit=4", "evaluate.gate.max_knowledge_drop=null",
+)
 
-def _cfg(tmp_path: Path, tiny_model: Path, *extra: str):
-    return load_config(None, [
+
+def _cfg_overrides(tmp_path: Path, tiny_model: Path) -> list[str]:
+    return [
         f"work_dir={tmp_path / 'work'}", f"model={tiny_model}", "experiment=flow-test",
         "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 160}, {name: chat, builtin: chitchat, limit: 40}]",
         "curate.heldout_fraction=0.1", "prepare.max_seq_len=256",
         "train.max_steps=2", "train.grad_accum=2", "train.lr=3e-3", "train.warmup_steps=0",
-        "evaluate.generate_samples=2", "evaluate.max_new_tokens=4", *extra,
-    ])
+        "evaluate.generate_samples=2", "evaluate.max_new_tokens=4", *TINY_EVAL,
+    ]
+
+
+def _cfg(tmp_path: Path, tiny_model: Path, *extra: str):
+    return load_config(None, [*_cfg_overrides(tmp_path, tiny_model), *extra])
 
 
 def test_pipeline_flow_end_to_end_and_rerun_reuses_stages(prefect_server, tiny_model: Path, tmp_path: Path) -> None:
@@ -47,8 +57,24 @@ def test_pipeline_flow_end_to_end_and_rerun_reuses_stages(prefect_server, tiny_m
     losses = client.get_metric_history(by_stage["train"].info.run_id, "train/loss")
     assert [m.step for m in losses] == [1, 2]
     ev = by_stage["evaluate"].data.metrics
-    assert {"base.loss", "tuned.loss", "delta_loss"} <= set(ev)
-    assert ev["delta_loss"] == pytest.approx(ev["tuned.loss"] - ev["base.loss"])
+    names = {"heldout.loss", "knowledge.mmlu.acc", "knowledge.boolq.acc_norm", "ifbench.prompt_loose", "tasks.exact_match"}
+    assert {f"eval/{n}/{c}" for n in names for c in ("base", "tuned", "delta")} <= set(ev)
+    assert ev["eval/heldout.loss/delta"] == pytest.approx(ev["eval/heldout.loss/tuned"] - ev["eval/heldout.loss/base"])
+    assert {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)} >= {
+        "table.csv", "table.json", "items.jsonl", "eval_table.png", "samples.json"
+    }
+    for name, value in ev.items():
+        if name.startswith(("eval/knowledge.", "eval/ifbench.", "eval/tasks.")) and name.endswith(("/base", "/tuned")):
+            assert 0.0 <= value <= 1.0, name
+    assert ev["eval/heldout.loss/tuned_stderr"] > 0
+    assert [r["metric"] for r in result["table"]] == [
+        "heldout.loss", "heldout.perplexity", "ifbench.instruction_loose", "ifbench.instruction_strict", "ifbench.prompt_loose",
+        "ifbench.prompt_strict", "knowledge.boolq.acc", "knowledge.boolq.acc_norm", "knowledge.mmlu.acc",
+        "knowledge.mmlu.acc_norm", "tasks.exact_match",
+    ]
+    assert all(r["base"] is not None and r["delta"] == pytest.approx(r["tuned"] - r["base"]) for r in result["table"])
+    assert by_stage["evaluate"].data.tags["sft.gate"] == parent.data.tags["sft.gate"] == "passed"
+    assert parent.data.metrics["eval/tasks.exact_match/tuned"] == ev["eval/tasks.exact_match/tuned"]
 
     artifacts = {a.path for a in client.list_artifacts(by_stage["curate"].info.run_id)}
     assert {"stats.json", "drop_reasons.png", "config.json", "lengths_before_after.png", "source_share.png"} <= artifacts
@@ -108,7 +134,7 @@ def test_pipeline_trains_with_two_processes_under_the_launcher(prefect_server, t
     from flows.pipeline import sft_pipeline
 
     cfg = _cfg(tmp_path, tiny_model, "train.nproc=2", "train.grad_accum=1", "experiment=flow-test-2proc",
-               "train.register_model=tiny-sft", "train.eval_every=1")
+               "train.log_model=true", "train.eval_every=1")
     result = sft_pipeline(config=config_to_dict(cfg), until="train")
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri())
     runs = client.search_runs(
@@ -121,10 +147,8 @@ def test_pipeline_trains_with_two_processes_under_the_launcher(prefect_server, t
     ds = json.loads((Path(result["model"]).parent / "deepspeed_config.json").read_text())
     assert ds["train_batch_size"] == 2
     assert (Path(result["model"]) / "model.safetensors").is_file()
-    # Logged as an artifact and registered; system metrics sampled during training.
+    # Logged as an artifact; system metrics sampled during training.
     assert {a.path for a in client.list_artifacts(train_run.info.run_id, "model")} >= {"model/model.safetensors", "model/config.json"}
-    versions = client.search_model_versions("name='tiny-sft'")
-    assert [v.run_id for v in versions] == [train_run.info.run_id]
     assert any(k.startswith("system/") for k in client.get_run(train_run.info.run_id).data.metrics)
 
 
@@ -140,3 +164,49 @@ def test_train_dry_run_prints_exact_launcher_command(tiny_model: Path, tmp_path:
     out = capsys.readouterr().out
     assert "deepspeed --hostfile /etc/hosts.ds --master_port" in out and "--module sft_engine.launch" in out
     assert not (tmp_path / "train").exists()
+
+
+def test_gate_decides_registration_and_the_flow_state_says_why(prefect_server, tiny_model: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import main
+    from flows.pipeline import sft_pipeline
+    from sft_engine.evaluate import GateFailed
+
+    cfg = _cfg(tmp_path, tiny_model, "experiment=gate-test", "evaluate.register_model=tiny-sft",
+               "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.min_scores={tasks.exact_match: 0.0}")
+    result = sft_pipeline(config=config_to_dict(cfg))
+    assert result["gate"] == {"passed": True, "reasons": []} and result["registered_version"] == "1"
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri())
+    (version,) = client.search_model_versions("name='tiny-sft'")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert version.run_id == parent.info.run_id
+    assert version.tags["curated_digest"] == json.loads((Path(result["curated"]) / "stats.json").read_text())["digest"]
+    assert version.tags["packed_digest"] == json.loads((Path(result["prepared"]) / "manifest.json").read_text())["digest"]
+    assert version.tags["prefect_flow_run_id"] == parent.data.tags["prefect.flow_run_id"] and version.tags["git_commit"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "model")} >= {"model/model.safetensors"}
+
+    # An unreachable minimum: the flow fails with the reason, nothing new is registered, scores are reused.
+    strict = _cfg(tmp_path, tiny_model, "experiment=gate-test", "evaluate.register_model=tiny-sft",
+                  "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.min_scores={tasks.exact_match: 1.01}")
+    state = sft_pipeline(config=config_to_dict(strict), return_state=True)
+    assert state.is_failed() and "tasks.exact_match = " in state.message and "below the minimum 1.01" in state.message
+    with pytest.raises(GateFailed):
+        state.result()
+    assert len(client.search_model_versions("name='tiny-sft'")) == 1
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(state.state_details.flow_run_id).state.is_failed()
+    failed_parent = client.search_runs(
+        [parent.info.experiment_id], "tags.`sft.gate` = 'failed' and tags.`sft.stage` = 'sft_pipeline'"
+    )
+    assert len(failed_parent) == 1 and "below the minimum 1.01" in failed_parent[0].data.tags["sft.gate_reasons"]
+
+    # Standalone: any local model folder against the config's base model; finished stages are reused.
+    argv = ["evaluate", "--model", result["model"], "-c", "conf/demo.yaml", *_cfg_overrides(tmp_path, tiny_model),
+            "experiment=gate-test", "evaluate.gate.heldout_loss_must_drop=false"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| tasks.exact_match |" in out and "gate: passed" in out
+    assert main([*argv, "evaluate.gate.min_scores={tasks.exact_match: 1.01}"]) == 3
+    assert "evaluation gate failed: tasks.exact_match" in capsys.readouterr().err

@@ -1,0 +1,214 @@
+"""Curation cut into per-shard units: the plan, the caching per shard, and the same bytes from every
+Prefect task runner (a real 2-process Dask cluster), with near-duplicates still found across shards."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sft_engine import stages
+from sft_engine.config import ConfigError, config_to_dict, load_config
+
+# What must be byte-identical whichever way curation ran.
+OUTPUTS = ("train.parquet", "heldout.parquet", "rejected.parquet", "stats.json")
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(n))
+
+
+def _row(user: str, assistant: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]})
+
+
+def write_shards(root: Path) -> Path:
+    """Source ``a``: 3 shard files (one gzipped), 30 rows each; source ``b``: 2 files of 20 rows.
+
+    Planted: a/part-2 row 8 is a near-duplicate of a/part-0 row 4 (one word changed: Jaccard ~0.87),
+    b/part-1 row 5 a near-duplicate of a/part-1 row 10, b/part-0 row 2 an exact duplicate (case
+    folded) of a/part-2 row 3, and a/part-1 row 6 is not JSON.
+    """
+    rng = random.Random(7)
+    files: dict[str, list[str]] = {}
+    for src, n_files, n_rows in (("a", 3, 30), ("b", 2, 20)):
+        for f in range(n_files):
+            files[f"{src}/part-{f}"] = [_row(f"Question {src}{f}.{i}: {_words(rng, 8)}?", _words(rng, 60)) for i in range(n_rows)]
+
+    def near(line: str) -> str:
+        msgs = json.loads(line)["messages"]
+        words = msgs[1]["content"].split(" ")
+        words[30] = "planted"
+        return _row(msgs[0]["content"], " ".join(words))
+
+    files["a/part-2"][7] = near(files["a/part-0"][3])
+    files["b/part-1"][4] = near(files["a/part-1"][9])
+    files["b/part-0"][1] = files["a/part-2"][2].upper().replace('"MESSAGES"', '"messages"').replace('"ROLE"', '"role"').replace(
+        '"CONTENT"', '"content"').replace('"USER"', '"user"').replace('"ASSISTANT"', '"assistant"')
+    files["a/part-1"][5] = '{"messages": [oops'
+    for name, lines in files.items():
+        text = "\n".join(lines) + "\n"
+        path = root / (name + (".jsonl.gz" if name == "a/part-1" else ".jsonl"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".gz":
+            with gzip.open(path, "wt") as fh:
+                fh.write(text)
+        else:
+            path.write_text(text)
+    return root
+
+
+def shard_overrides(data: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        f"work_dir={work}", "experiment=runners-test",
+        f"curate.sources=[{{name: a, path: '{data}/a/part-*'}}, {{name: b, path: '{data}/b/part-*.jsonl', weight: 2.0}}]",
+        "curate.min_chars=null", "curate.heldout_fraction=0.2", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def shard_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def sequential(shard_data: Path, tmp_path_factory: pytest.TempPathFactory) -> stages.StageOutput:
+    """The reference: run_curate in this process, every unit one after another."""
+    return stages.run_curate(load_config(None, shard_overrides(shard_data, tmp_path_factory.mktemp("seq"))))
+
+
+def test_glob_sources_are_cut_into_shard_units(shard_data: Path, tmp_path: Path) -> None:
+    plan = stages.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path)))
+    assert [u.label for u in plan.units] == ["a[0]", "a[1]", "a[2]", "b[0]", "b[1]"]
+    assert [Path(f).name for f in plan.units[1].files or ()] == ["part-1.jsonl.gz"]
+    assert len({u.folder for u in plan.units}) == 5
+    pairs = stages.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path, "runner.files_per_shard=2")))
+    assert [(u.label, len(u.files or ())) for u in pairs.units] == [("a[0]", 2), ("a[1]", 1), ("b", 0)]
+    # A source with a row limit counts rows across its files, so it stays one unit.
+    limited = stages.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path, "curate.sources.0.limit=50")))
+    assert [u.label for u in limited.units] == ["a", "b[0]", "b[1]"]
+
+
+def test_shards_give_the_rows_of_one_unit_and_find_near_dups_across_shards(shard_data: Path, sequential: stages.StageOutput,
+                                                                           tmp_path: Path) -> None:
+    # One unit per source (files_per_shard large): the same rows, numbered the same, the same outputs.
+    whole = stages.run_curate(load_config(None, shard_overrides(shard_data, tmp_path, "runner.files_per_shard=100")))
+    assert whole.path.name == sequential.path.name
+    for name in OUTPUTS[:3]:
+        assert (whole.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
+    rejected = pl.read_parquet(sequential.path / "rejected.parquet")
+    # Rows are numbered across each whole source (an unreadable line is a row too): a/part-2 line 8 is
+    # a:68 (30 + 30 + 8), a near-duplicate of a/part-0 line 4 two shards away; b/part-1 line 5 is b:25,
+    # a near-duplicate of a/part-1 line 10 (a:40) in another source.
+    assert rejected.select("source", "row", "drop_reason", "dup_of").sort("source", "row").rows() == [
+        ("a", 36, "read_bad_json", None),
+        ("a", 68, "dedup_near", "a:4"),
+        ("b", 2, "dedup_exact", None),
+        ("b", 25, "dedup_near", "a:40"),
+    ]
+    stats = json.loads((sequential.path / "stats.json").read_text())
+    assert stats["rows_in"] == 130 and stats["rows_dropped"] == 4
+    assert stats["cache"] == {"sources_reused": [], "sources_computed": ["a[0]", "a[1]", "a[2]", "b[0]", "b[1]"], "dedup_reused": False}
+
+
+def test_a_new_shard_reuses_the_others(shard_data: Path, tmp_path: Path) -> None:
+    data = write_shards(tmp_path / "data")
+    first = stages.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
+    (data / "b" / "part-2.jsonl").write_text(_row("One more question?", "One more answer, with enough words.") + "\n")
+    again = stages.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
+    stats = json.loads((again.path / "stats.json").read_text())
+    assert again.path != first.path
+    assert stats["cache"] == {"sources_reused": ["a[0]", "a[1]", "a[2]", "b[0]", "b[1]"], "sources_computed": ["b[2]"], "dedup_reused": False}
+    assert stats["per_source"]["b"]["rows_in"] == 41
+
+
+def test_global_step_refuses_missing_units(shard_data: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, shard_overrides(shard_data, tmp_path))
+    plan = stages.plan_curate(cfg)
+    done = [stages.run_curate_unit(cfg, u) for u in plan.units[:2]]
+    with pytest.raises(ValueError, match="needs the finished folders of the plan's 5 units in plan order, got 2"):
+        stages.run_curate_global(cfg, plan, done)
+
+
+def test_runner_needing_a_missing_package_names_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prefect_ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"bad value for 'runner.kind': .*needs prefect-ray, which is not installed: "
+                                          r"pip install -e '\.\[scale\]'"):
+        load_config(None, ["curate.sources=[{name: t, builtin: verifiable_tasks}]", "runner.kind=ray"])
+    with pytest.raises(ConfigError, match="unknown key 'runner.worker'. Did you mean 'runner.workers'"):
+        load_config(None, ["curate.sources=[{name: t, builtin: verifiable_tasks}]", "runner.worker=2"])
+
+
+def test_task_runner_for_each_kind() -> None:
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runners import task_runner
+
+    cfg = load_config(None, ["curate.sources=[{name: t, builtin: verifiable_tasks}]", "runner.kind=threads", "runner.workers=3"])
+    threads = task_runner(cfg.runner)
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    dask = task_runner(cfg.runner.model_copy(update={"kind": "dask", "workers": 2}))
+    assert isinstance(dask, DaskTaskRunner)
+    assert dask.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    remote = task_runner(cfg.runner.model_copy(update={"kind": "dask", "address": "tcp://10.0.0.5:8786"}))
+    assert remote.address == "tcp://10.0.0.5:8786"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["threads", "dask", "ray"])
+def test_runner_gives_the_sequential_bytes(prefect_server, kind: str, shard_data: Path, sequential: stages.StageOutput,
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.pipeline import curate_flow
+
+    def unit_runs() -> list[str]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="curate-unit ")))
+        return sorted(r.name for r in runs if r.state and r.state.is_completed())
+
+    before = unit_runs()
+    workers: dict[str, int] = {}
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        leave = DaskTaskRunner.__exit__
+
+        def spy(self: DaskTaskRunner, *exc: object) -> None:
+            workers.update(self.client.run(os.getpid))  # the processes that ran the units, before the cluster stops
+            leave(self, *exc)
+
+        monkeypatch.setattr(DaskTaskRunner, "__exit__", spy)
+    if kind == "ray":
+        # Ray (~280 MB installed, ~20 s to start on 2 cores) is in the `scale` extra, not the test extra.
+        pytest.importorskip("prefect_ray", reason="Ray runs only where pip install -e '.[scale]' was done")
+    cfg = load_config(None, shard_overrides(shard_data, tmp_path / "work", f"runner.kind={kind}", "runner.workers=2"))
+    out = Path(curate_flow(config_to_dict(cfg)))
+    if kind == "dask":
+        assert len(workers) == 2 and os.getpid() not in workers.values()
+    assert out.relative_to(cfg.work_dir) == sequential.path.relative_to(sequential.path.parents[1])
+    for name in OUTPUTS:
+        assert (out / name).read_bytes() == (sequential.path / name).read_bytes(), name
+    seq_units = sorted(p.name for p in (sequential.path.parents[1] / "curate_sources").iterdir())
+    assert sorted(p.name for p in (cfg.work_dir / "curate_sources").iterdir()) == seq_units
+    # One mapped task per shard ran and completed (task-run states reach the server as events: poll briefly).
+    deadline = time.monotonic() + 15
+    while True:
+        after = unit_runs()
+        for name in before:
+            after.remove(name)
+        if len(after) >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert after == ["curate-unit a[0]", "curate-unit a[1]", "curate-unit a[2]", "curate-unit b[0]", "curate-unit b[1]"]
