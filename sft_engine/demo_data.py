@@ -88,7 +88,7 @@ def _sort(rng: random.Random) -> tuple[str, str, str]:
     return f"Sort the numbers in {order} order.", ", ".join(map(str, nums)), f"Sorted {order}: {joined}\nAnswer: {joined}"
 
 
-_WORDS = "apple river stone cloud green quick light music paper window orange silver garden bridge".split()
+_WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "light", "music", "paper", "window", "orange", "silver", "garden", "bridge"]
 
 
 def _reverse_words(rng: random.Random) -> tuple[str, str, str]:

@@ -13,10 +13,9 @@ from sft_engine.io import SUCCESS, atomic_dir, digest_json, is_complete
 
 def test_atomic_dir_publishes_only_complete_folders(tmp_path: Path) -> None:
     final = tmp_path / "stage" / "abc"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(final) as tmp:
-            (tmp / "half.parquet").write_text("partial")
-            raise RuntimeError("killed midway")
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "half.parquet").write_text("partial")
+        raise RuntimeError("killed midway")
     assert not final.exists() and list(final.parent.iterdir()) == []
     with atomic_dir(final) as tmp:
         (tmp / "data.parquet").write_text("all")

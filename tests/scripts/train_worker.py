@@ -14,8 +14,8 @@ from sft_engine.runtime import apply_env_defaults
 
 apply_env_defaults()
 
-from sft_engine.config import TrainConfig  # noqa: E402
-from sft_engine.train import train  # noqa: E402
+from sft_engine.config import TrainConfig
+from sft_engine.train import train
 
 
 def main() -> None:
