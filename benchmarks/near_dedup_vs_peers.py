@@ -18,7 +18,10 @@ One invocation, the SAME synthetic corpus for every method:
 Each method runs in its own fresh subprocess (one at a time); interpreter start-up, imports and reading the corpus
 from disk are not timed, except for datatrove, whose pipeline reads its own JSONL files (that is how it runs).
 
-* ours: near_duplicates(pl.Series(texts), threshold=0.8, ngram=5, num_perm=128, bands=16); flagged = duplicate_of >= 0.
+* ours: near_duplicates(pl.Series(texts), threshold=0.8, ngram=5, num_perm=128, bands=16) with its defaults (blocks of
+  8,192 documents, one thread): words and 5-gram shingle hashes vectorized in NumPy over the UTF-8 bytes of a whole
+  block, one-permutation MinHash with optimal densification (one hash per shingle), 16 x 8 LSH, every candidate
+  pair verified by exact Jaccard; flagged = duplicate_of >= 0. "ours_2threads" is the same with workers=2.
 * datasketch: Python shingling (the ground-truth tokenizer), MinHash.generator(num_perm=128) (default affine32
   scheme, SHA1 token hash), MinHashLSH(threshold=0.8, num_perm=128) with its automatic banding; streaming: each
   document queries the index (flagged if any earlier document is a candidate), then is inserted.
@@ -31,12 +34,14 @@ from disk are not timed, except for datatrove, whose pipeline reads its own JSON
   of a datatrove cluster except its earliest document (same count as its .remove files; its own union-by-size may
   keep a later member).
 
-Columns: docs/s = N / timed seconds; precision / recall of the flagged DOCUMENTS against the ground truth; peak RSS
-= ru_maxrss of the side's subprocess from os.wait4 (the same figure RUSAGE_CHILDREN reports, per side: the largest
-single process among the side and the descendants it reaped); tree PSS = peak of the summed PSS of the side's
-process tree (datatrove's workers included), sampled every 0.2 s.
+Columns: docs/s = N / timed seconds (with --repeat R: the median of R interleaved runs); CPU s = CPU time of the
+side's own process over the timed part (datatrove's workers are other processes: not shown); precision / recall of
+the flagged DOCUMENTS against the ground truth; peak RSS = ru_maxrss of the side's subprocess from os.wait4 (the same
+figure RUSAGE_CHILDREN reports, per side: the largest single process among the side and the descendants it reaped);
+tree PSS = peak of the summed PSS of the side's process tree (datatrove's workers included), sampled every 0.2 s.
 
-    python benchmarks/near_dedup_vs_peers.py                      # N=100,000, all four methods
+    python benchmarks/near_dedup_vs_peers.py                      # N=100,000, every method once
+    python benchmarks/near_dedup_vs_peers.py --repeat 3 --sides ours,ours_2threads,datasketch,rensa   # medians of 3
     python benchmarks/near_dedup_vs_peers.py --n 5000 --profile   # plus a cProfile of ours by stage
 
 Needs datasketch, rensa, datatrove (+ orjson, spacy, xxhash<4) in the running interpreter; see benchmarks/README.md.
@@ -57,7 +62,7 @@ from pathlib import Path
 THRESHOLD = 0.8
 NGRAM = 5
 NUM_PERM = 128
-SIDES = ("ours", "datasketch", "rensa", "datatrove")
+SIDES = ("ours", "ours_2threads", "datasketch", "rensa", "datatrove")
 KINDS = ("base", "case", "whitespace", "edit", "edit+case")
 
 # ---- corpus ----------------------------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ def build_corpus(n: int, seed: int = 0, copy_frac: float = 0.13):
                     variants.append(cap + punct + sep)
     variants = np.array(variants, dtype=object)
 
-    n_copies = int(round(copy_frac * n))
+    n_copies = round(copy_frac * n)
     n_base = n - n_copies
     lengths = rng.integers(350, 551, n_base)
     total = int(lengths.sum())
@@ -210,8 +215,7 @@ def build(args: argparse.Namespace) -> None:
     half = (len(texts) + 1) // 2
     for shard, (a, b) in enumerate([(0, half), (half, len(texts))]):
         with open(folder / "dt_in" / f"{shard:05d}.jsonl", "wb") as f:
-            for i in range(a, b):
-                f.write(orjson.dumps({"id": str(i), "text": texts[i]}) + b"\n")
+            f.writelines(orjson.dumps({"id": str(i), "text": texts[i]}) + b"\n" for i in range(a, b))
 
     # ground truth: every pair inside each planted group, plain Python sets of 5-gram tuples
     t = time.perf_counter()
@@ -267,20 +271,21 @@ def _texts(folder: Path) -> list[str]:
     return pl.read_parquet(folder / "docs.parquet")["text"].to_list()
 
 
-def run_ours(folder: Path, args: argparse.Namespace) -> dict:
+def run_ours(folder: Path, args: argparse.Namespace, workers: int = 1, name: str = "ours") -> dict:
     import numpy as np
     import polars as pl
 
     from sft_engine.near_dedup import near_duplicates
 
     texts = pl.read_parquet(folder / "docs.parquet")["text"]
-    t = time.perf_counter()
-    res = near_duplicates(texts, threshold=THRESHOLD, ngram=NGRAM, num_perm=NUM_PERM, bands=16, seed=0)
-    seconds = time.perf_counter() - t
-    np.save(folder / "flags_ours.npy", res.duplicate_of >= 0)
-    out = {"seconds": seconds, "candidates": res.candidates, "verified": res.verified, "lsh_threshold": res.lsh_threshold,
+    t, cpu = time.perf_counter(), time.process_time()
+    res = near_duplicates(texts, threshold=THRESHOLD, ngram=NGRAM, num_perm=NUM_PERM, bands=16, seed=0, workers=workers)
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    np.save(folder / f"flags_{name}.npy", res.duplicate_of >= 0)
+    out = {"seconds": seconds, "cpu_s": cpu, "candidates": res.candidates, "verified": res.verified,
+           "lsh_threshold": res.lsh_threshold, "recall_at_threshold": res.recall_at_threshold,
            "versions": {"polars": pl.__version__, "numpy": np.__version__}}
-    if args.profile:
+    if args.profile and name == "ours":
         out["profile"] = _profile_ours(texts)
     return out
 
@@ -295,18 +300,27 @@ def _profile_ours(texts) -> dict:
 
     from sft_engine import near_dedup as nd
 
-    stages = {}
+    stages = dict.fromkeys(["shingle_hashes", "minhash_signatures", "band_keys"], 0.0)
+    keys = []
+    for a in range(0, len(texts), 8192):  # the blocks near_duplicates sketches, one thread
+        t = time.perf_counter()
+        sh, off = nd.shingle_hashes(texts.slice(a, 8192), NGRAM, 0)
+        stages["shingle_hashes"] += time.perf_counter() - t
+        t = time.perf_counter()
+        sig = nd.minhash_signatures(sh, off, NUM_PERM, 0)
+        stages["minhash_signatures"] += time.perf_counter() - t
+        t = time.perf_counter()
+        keys.append(nd.band_keys(sig, 16))
+        stages["band_keys"] += time.perf_counter() - t
     t = time.perf_counter()
-    sh, off = nd.shingle_hashes(texts, NGRAM, 0)
-    stages["shingle_hashes"] = time.perf_counter() - t
+    pairs = nd.candidates_from_keys(np.concatenate(keys))
+    stages["candidates_from_keys"] = time.perf_counter() - t
     t = time.perf_counter()
-    sig = nd.minhash_signatures(sh, off, NUM_PERM, 0)
-    stages["minhash_signatures"] = time.perf_counter() - t
+    docs, local = np.unique(pairs, return_inverse=True)
+    sh, off = nd.shingle_hashes(texts.gather(docs), NGRAM, 0)
+    stages["shingle_hashes(candidate docs)"] = time.perf_counter() - t
     t = time.perf_counter()
-    pairs = nd.lsh_candidates(sig, 16)
-    stages["lsh_candidates"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sims = nd.exact_jaccard(sh, off, pairs)
+    sims = nd.exact_jaccard(sh, off, local.reshape(-1, 2))
     stages["exact_jaccard"] = time.perf_counter() - t
     t = time.perf_counter()
     nd._clusters(len(texts), pairs[sims >= THRESHOLD])
@@ -317,7 +331,7 @@ def _profile_ours(texts) -> dict:
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(18)
-    return {"stages": stages, "pairs": int(len(pairs)), "cprofile": buf.getvalue(), "np": np.__version__}
+    return {"stages": stages, "pairs": len(pairs), "cprofile": buf.getvalue(), "np": np.__version__}
 
 
 def run_datasketch(folder: Path, args: argparse.Namespace) -> dict:
@@ -326,7 +340,7 @@ def run_datasketch(folder: Path, args: argparse.Namespace) -> dict:
     from datasketch import MinHash, MinHashLSH
 
     texts = _texts(folder)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
     flags = np.zeros(len(texts), dtype=bool)
     gen = MinHash.generator(([s.encode() for s in py_shingles(x)] for x in texts), num_perm=NUM_PERM)
@@ -334,9 +348,9 @@ def run_datasketch(folder: Path, args: argparse.Namespace) -> dict:
         if lsh.query(m):
             flags[i] = True
         lsh.insert(i, m)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     np.save(folder / "flags_datasketch.npy", flags)
-    return {"seconds": seconds, "bands_rows": [lsh.b, lsh.r], "versions": {"datasketch": datasketch.__version__}}
+    return {"seconds": seconds, "cpu_s": cpu, "bands_rows": [lsh.b, lsh.r], "versions": {"datasketch": datasketch.__version__}}
 
 
 def run_rensa(folder: Path, args: argparse.Namespace) -> dict:
@@ -346,12 +360,12 @@ def run_rensa(folder: Path, args: argparse.Namespace) -> dict:
     from rensa import RMinHashDeduplicator
 
     texts = _texts(folder)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     dedup = RMinHashDeduplicator(threshold=THRESHOLD, num_perm=NUM_PERM, use_lsh=True, num_bands=16)
     keep = dedup.add_pairs((str(i), py_shingles(x)) for i, x in enumerate(texts))
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     np.save(folder / "flags_rensa.npy", ~np.asarray(keep, dtype=bool))
-    return {"seconds": seconds, "versions": {"rensa": version("rensa")}}
+    return {"seconds": seconds, "cpu_s": cpu, "versions": {"rensa": version("rensa")}}
 
 
 def run_datatrove(folder: Path, args: argparse.Namespace) -> dict:
@@ -361,8 +375,7 @@ def run_datatrove(folder: Path, args: argparse.Namespace) -> dict:
 
     import numpy as np
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
     from datatrove.pipeline.readers import JsonlReader
 
     logging.disable(logging.WARNING)
@@ -390,7 +403,7 @@ def run_datatrove(folder: Path, args: argparse.Namespace) -> dict:
     multiprocess.forkserver._forkserver._stop()
 
     # global index = shard offset + doc index within the shard (a shard file per signature task)
-    sizes = [sum(1 for _ in open(p, "rb")) for p in sorted((folder / "dt_in").glob("*.jsonl"))]
+    sizes = [p.read_bytes().count(b"\n") for p in sorted((folder / "dt_in").glob("*.jsonl"))]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     n = int(offsets[-1])
     cluster = np.full(n, -1, dtype=np.int64)
@@ -476,6 +489,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     p.add_argument("--profile", action="store_true", help="also print a stage breakdown + cProfile of ours")
+    p.add_argument("--repeat", type=int, default=1, help="runs per side, interleaved; the median is reported (datatrove runs once)")
     p.add_argument("--side", choices=["build", *SIDES], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -483,7 +497,8 @@ def main() -> None:
         build(args)
         return
     if args.side:
-        fn = {"ours": run_ours, "datasketch": run_datasketch, "rensa": run_rensa, "datatrove": run_datatrove}[args.side]
+        fn = {"ours": run_ours, "ours_2threads": lambda f, a: run_ours(f, a, workers=2, name="ours_2threads"),
+              "datasketch": run_datasketch, "rensa": run_rensa, "datatrove": run_datatrove}[args.side]
         print("RESULT " + json.dumps(fn(Path(args.folder), args)))
         return
 
@@ -498,14 +513,27 @@ def main() -> None:
         build_s = time.perf_counter() - t
         truth = dict(np.load(Path(tmp) / "truth.npz"))
         load_before = os.getloadavg()[0]
-        results = {}
-        for side in sides:
-            r = _run_side(side, tmp, args)
-            if not r.get("failed"):
-                r.update(_score(Path(tmp), side, truth))
-            results[side] = r
-            print(f"  [{side} done: {r.get('seconds', float('nan')):.1f} s]", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
+        repeated = [s for s in sides if s != "datatrove"] if args.repeat > 1 else sides
+        for rep in range(args.repeat):
+            for side in sides if rep == 0 else repeated:  # interleaved, so load drifts hit every side alike
+                r = _run_side(side, tmp, args)
+                if not r.get("failed"):
+                    r.update(_score(Path(tmp), side, truth))
+                    r["load"] = os.getloadavg()[0]
+                runs[side].append(r)
+                print(f"  [{side} run {rep + 1} done: {r.get('seconds', float('nan')):.1f} s, load {os.getloadavg()[0]:.2f}]",
+                      file=sys.stderr, flush=True)
         load_after = os.getloadavg()[0]
+        results = {}
+        for side, rs in runs.items():
+            ok = [r for r in rs if not r.get("failed")]
+            if not ok:
+                results[side] = {"failed": True}
+                continue
+            # The run with the median time represents the side; every time is listed below the table.
+            results[side] = sorted(ok, key=lambda r: r["seconds"])[len(ok) // 2]
+            results[side]["all_seconds"] = [r["seconds"] for r in ok]
 
     n = args.n
     print(f"{n} docs (~{b['words_mean']:.0f} words; built in {build_s:.1f} s, not timed): planted {b['kinds']}; "
@@ -514,38 +542,47 @@ def main() -> None:
     print(f"cross-check, our exact_jaccard on the same pairs: {b['ours_exact_jaccard_disagree']} pairs disagree "
           f"of {b['group_pairs']}; {b['ours_flip']} true pairs fall below {THRESHOLD} with our tokenizer, "
           f"{b['ours_flip_whitespace']} of them involve a 'whitespace' copy)")
-    print(f"load average {load_before:.2f} before the sides, {load_after:.2f} after; 2 threads/workers where a method has them")
-    print(f"{'method':11} {'seconds':>8} {'docs/s':>9} {'ours/peer':>9} {'flagged':>8} {'precision':>9} {'recall':>7} "
+    print(f"load average {load_before:.2f} before the sides, {load_after:.2f} after; datatrove runs 2 workers, ours_2threads 2 threads, "
+          f"the others one thread; {args.repeat} interleaved run(s) per side (datatrove once), median shown")
+    print(f"{'method':13} {'seconds':>8} {'docs/s':>9} {'ours/peer':>9} {'CPU s':>7} {'flagged':>8} {'precision':>9} {'recall':>7} "
           f"{'peak RSS MB':>11} {'tree PSS MB':>11}")
     ours_rate = n / results["ours"]["seconds"] if "ours" in results and not results["ours"].get("failed") else None
     for side, r in results.items():
         if r.get("failed"):
-            print(f"{side:11} FAILED")
+            print(f"{side:13} FAILED")
             continue
         rate = n / r["seconds"]
         ratio = f"{ours_rate / rate:8.1f}x" if ours_rate else "-"
-        print(f"{side:11} {r['seconds']:8.2f} {rate:9,.0f} {ratio:>9} {r['flagged']:8d} {r['precision']:9.4f} {r['recall']:7.4f} "
+        cpu = f"{r['cpu_s']:7.2f}" if "cpu_s" in r else f"{'-':>7}"
+        print(f"{side:13} {r['seconds']:8.2f} {rate:9,.0f} {ratio:>9} {cpu} {r['flagged']:8d} {r['precision']:9.4f} {r['recall']:7.4f} "
               f"{r['maxrss_mb']:11.0f} {r['tree_pss_mb']:11.0f}")
     print("recall by planted kind (found/true) and by best Jaccard with an earlier doc; FP on planted near-misses:")
     for side, r in results.items():
         if not r.get("failed"):
             kinds = " ".join(f"{k} {a}/{t}" for k, (a, t) in r["recall_by_kind"].items())
             js = " ".join(f"J{k} {a}/{t}" for k, (a, t) in r["recall_by_j"].items())
-            print(f"  {side:11} {kinds} | {js} | FP {r['flagged'] - r['tp']} (near-miss {r['fp_near_miss']})")
+            print(f"  {side:13} {kinds} | {js} | FP {r['flagged'] - r['tp']} (near-miss {r['fp_near_miss']})")
+    if args.repeat > 1:
+        print("every timed run (s): " + "; ".join(f"{side} " + ", ".join(f"{x:.2f}" for x in r["all_seconds"])
+                                              for side, r in results.items() if not r.get("failed")))
     versions = {k: v for r in results.values() for k, v in r.get("versions", {}).items()}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f", python {sys.version.split()[0]}")
     if "ours" in results and not results["ours"].get("failed"):
         o = results["ours"]
-        print(f"ours: {o['candidates']} LSH candidates (16 x 8, S-curve midpoint {o['lsh_threshold']:.3f}), {o['verified']} verified")
+        print(f"ours: {o['candidates']} LSH candidates (16 x 8: S-curve midpoint {o['lsh_threshold']:.3f}, P(candidate | J = {THRESHOLD}) "
+              f"{o['recall_at_threshold']:.3f}), {o['verified']} verified by exact Jaccard >= {THRESHOLD} (the effective threshold); "
+              f"{o['cpu_s']:.2f} CPU s in {o['seconds']:.2f} s wall")
     if "datasketch" in results and not results["datasketch"].get("failed"):
         print(f"datasketch: automatic banding {results['datasketch']['bands_rows'][0]} bands x {results['datasketch']['bands_rows'][1]} rows")
     if "datatrove" in results and not results["datatrove"].get("failed"):
         d = results["datatrove"]
         print(f"datatrove ({d['config']}): stages " + ", ".join(f"{k} {v:.1f} s" for k, v in d["stages"].items())
               + f"; {d['removed_by_datatrove']} docs in its .remove files")
+    two = results.get("ours_2threads", {})
     for side, r in results.items():
-        if ours_rate and side != "ours" and not r.get("failed"):
-            print(f"throughput ratio ours/{side}: {ours_rate / (n / r['seconds']):.2f}x")
+        if ours_rate and not side.startswith("ours") and not r.get("failed"):
+            extra = f" (2 threads: {r['seconds'] / two['seconds']:.2f}x)" if two and not two.get("failed") else ""
+            print(f"throughput ratio ours/{side}: {ours_rate / (n / r['seconds']):.2f}x{extra}")
     if args.profile and "profile" in results.get("ours", {}):
         pr = results["ours"]["profile"]
         print("ours, stage times of a second run: " + ", ".join(f"{k} {v:.2f} s" for k, v in pr["stages"].items()))

@@ -27,7 +27,7 @@ from sft_engine.config import CurateConfig, QualityConfig, SourceConfig
 from sft_engine.constants import ROLES
 from sft_engine.decontam import find_contamination
 from sft_engine.demo_data import builtin_rows
-from sft_engine.near_dedup import near_duplicates
+from sft_engine.near_dedup import near_duplicates, word_hashes
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String, "train": pl.Boolean})
 SCHEMA = {"source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "drop_reason": pl.String, "raw": pl.String}
@@ -167,7 +167,7 @@ def _raw_objects(path: Path, max_row_bytes: int = 1_000_000) -> Iterable[tuple[A
         raise SourceError(f"source file '{path}' is truncated or corrupt ({exc}); re-export or re-download it") from exc
     except (OSError, pl.exceptions.PolarsError, ValueError) as exc:
         raise SourceError(f"cannot read source '{path}': {exc}") from exc
-    if name.endswith(".json") or name.endswith(".json.gz"):
+    if name.endswith((".json", ".json.gz")):
         try:
             arr = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -302,9 +302,67 @@ def _assistant_text() -> pl.Expr:
     return turns.list.join("\n")
 
 
-def quality_reason(q: QualityConfig) -> pl.Expr:
-    """First failing quality rule on the assistant turns as ``quality_<rule>``, else null (thresholds None = off)."""
-    text = _assistant_text()
+def _top_ngram_rule(text: pl.Expr, q: QualityConfig) -> pl.Expr:
+    """quality_top_ngram as an expression: the most frequent word 3-gram covers more than
+    ``max_top_ngram_fraction`` of the words (lowercased, split on spaces)."""
+    words = text.str.to_lowercase().str.split(" ").list.eval(pl.element().filter(pl.element() != ""))
+    grams = words.list.eval(
+        pl.concat_str([pl.element(), pl.element().shift(-1), pl.element().shift(-2)], separator=" ").drop_nulls()
+    )
+    top = grams.list.eval(pl.element().value_counts().struct.field("count").max()).list.first()
+    share = top * 3 / words.list.len()
+    return (words.list.len() >= q.repetition_min_words) & (top > 1) & (share > q.max_top_ngram_fraction)
+
+
+# Buckets per row for the top n-gram bound (see top_ngram_exceeds) and rows per NumPy block.
+_NGRAM_BUCKETS = 256
+_NGRAM_BLOCK = 8192
+
+
+def top_ngram_exceeds(text: pl.Series, q: QualityConfig) -> pl.Series:
+    """The quality_top_ngram rule for each text (assistant turns joined), same outcome as ``_top_ngram_rule``.
+
+    Vectorized: words are hashed with NumPy over the bytes of a whole block of texts, their 3-grams
+    hashed from the word hashes, and each row's 3-grams counted into 256 buckets (one ``np.bincount``).
+    The largest bucket bounds the top 3-gram count from above (equal 3-grams share a bucket), so a row
+    whose bound passes the rule passes; only the rows left (few: repetitive ones) go through the
+    exact expression.
+    """
+    assert q.max_top_ngram_fraction is not None
+    n = len(text)
+    maybe = np.zeros(n, dtype=bool)
+    for a in range(0, n, _NGRAM_BLOCK):
+        block = text.slice(a, _NGRAM_BLOCK)
+        m = len(block)
+        wh, offsets = word_hashes(block, "space")
+        counts = np.diff(offsets)
+        bound = np.zeros(m, dtype=np.int64)
+        if len(wh) >= 3:
+            with np.errstate(over="ignore"):
+                grams = wh[:-2] * np.uint64(0x9E3779B97F4A7C15) + wh[1:-1] * np.uint64(0xC2B2AE3D27D4EB4F) + wh[2:] * np.uint64(0x165667B19E3779F9)
+            inside = np.ones(len(grams), dtype=bool)  # drop the 3-grams that run into the next row
+            ends = (offsets[1:, None] - np.arange(1, 3)[None, :]).ravel()
+            inside[ends[(ends >= 0) & (ends < len(grams))]] = False
+            row = np.repeat(np.arange(m, dtype=np.int64), np.maximum(counts - 2, 0))
+            key = row * _NGRAM_BUCKETS + (grams[inside] >> np.uint64(56)).astype(np.int64)
+            bound = np.bincount(key, minlength=m * _NGRAM_BUCKETS).reshape(m, _NGRAM_BUCKETS).max(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            maybe[a : a + m] = (counts >= q.repetition_min_words) & (bound > 1) & (bound * 3 / counts > q.max_top_ngram_fraction)
+    out = np.zeros(n, dtype=bool)
+    rows = np.flatnonzero(maybe)
+    if len(rows):
+        exact = pl.DataFrame({"t": text.gather(rows)}).select(_top_ngram_rule(pl.col("t"), q).fill_null(False)).to_series()
+        out[rows] = exact.to_numpy()
+    return pl.Series(out)
+
+
+def quality_reason(q: QualityConfig, text: pl.Expr | None = None, top_ngram: pl.Expr | None = None) -> pl.Expr:
+    """First failing quality rule on the assistant turns as ``quality_<rule>``, else null (thresholds None = off).
+
+    ``text`` (the assistant turns joined, ``_assistant_text()``) and ``top_ngram`` (the top n-gram rule's
+    outcome, ``top_ngram_exceeds``) may be columns computed beforehand; by default both are expressions here.
+    """
+    text = _assistant_text() if text is None else text
     rules: list[tuple[pl.Expr, str]] = []
     if q.placeholder_patterns:
         pattern = "(?i)" + "|".join(f"(?:{p})" for p in q.placeholder_patterns)
@@ -324,13 +382,7 @@ def quality_reason(q: QualityConfig) -> pl.Expr:
         dup = 1 - lines.list.n_unique() / lines.list.len()
         rules.append(((lines.list.len() > 1) & (dup > q.max_duplicate_line_fraction), "quality_duplicate_lines"))
     if q.max_top_ngram_fraction is not None:
-        words = text.str.to_lowercase().str.split(" ").list.eval(pl.element().filter(pl.element() != ""))
-        grams = words.list.eval(
-            pl.concat_str([pl.element(), pl.element().shift(-1), pl.element().shift(-2)], separator=" ").drop_nulls()
-        )
-        top = grams.list.eval(pl.element().value_counts().struct.field("count").max()).list.first()
-        share = top * 3 / words.list.len()
-        rules.append(((words.list.len() >= q.repetition_min_words) & (top > 1) & (share > q.max_top_ngram_fraction), "quality_top_ngram"))
+        rules.append((_top_ngram_rule(text, q) if top_ngram is None else top_ngram, "quality_top_ngram"))
     if not rules:
         return pl.lit(None, dtype=pl.String)
     expr: Any = pl
@@ -363,6 +415,8 @@ def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int) -> tuple[pl.Lazy
         "candidates": res.candidates,
         "verified_pairs": res.verified,
         "lsh_threshold": res.lsh_threshold,
+        # P(a pair at exactly the threshold becomes a candidate); the decision itself is exact Jaccard >= threshold.
+        "lsh_recall_at_threshold": res.recall_at_threshold,
         "threshold": nd.threshold,
         "cluster_sizes": res.cluster_sizes,
     }
@@ -375,8 +429,20 @@ def check_rows(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
     lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
     lf = with_text_columns(lf)
     lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(length_reason(cfg)).otherwise(pl.col("drop_reason")))
-    lf = lf.with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(quality_reason(cfg.quality)).otherwise(pl.col("drop_reason")))
-    out = lf.collect()
+    # The assistant text once, as a column every quality rule reads; the top n-gram rule in NumPy.
+    q = cfg.quality
+    checked = lf.with_columns(_q_text=_assistant_text()).collect()
+    top = None
+    if q.max_top_ngram_fraction is not None:
+        checked = checked.with_columns(_q_top=top_ngram_exceeds(checked["_q_text"], q))
+        top = pl.col("_q_top")
+    reason = quality_reason(q, pl.col("_q_text"), top)
+    out = (
+        checked.lazy()
+        .with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(reason).otherwise(pl.col("drop_reason")))
+        .drop("_q_text", "_q_top", strict=False)
+        .collect()
+    )
     matches = find_contamination(out.select(_contents().list.join("\n").fill_null("")).to_series(), cfg.decontaminate)
     out = out.with_columns(decontam_match=pl.Series(matches, dtype=pl.String))
     if cfg.decontaminate.action == "drop":

@@ -1,29 +1,40 @@
 """Near-duplicate detection: MinHash sketches, LSH banding, exact-Jaccard verification, clusters.
 
-Everything runs vectorized over all documents at once (no per-document Python on the hashing path):
+Everything runs vectorized over whole blocks of documents (no per-document Python on the hashing path):
 
-1. Words: Polars lowercases and splits every text; each word is hashed once (``Series.hash``).
-2. Shingles: word n-grams (default 5) are combined from the word hashes with NumPy arithmetic
-   on the flat array, windows never crossing a document boundary.
-3. Sketch: one-permutation MinHash with rotation densification (Shrivastava & Li, 2014): each
-   shingle hash is hashed once, its top bits pick one of ``num_perm`` bins, the bin keeps its
-   minimum; empty bins borrow the next non-empty bin's value. It estimates Jaccard like
-   ``num_perm`` independent permutations at the cost of one hash per shingle.
-4. LSH: ``bands`` x ``rows`` (= num_perm) band keys; documents sharing a key are candidates.
+1. Words: Polars lowercases the texts; NumPy then works on the raw UTF-8 bytes of the whole block.
+   A word is a maximal run of letters/digits (``[\\p{L}\\p{N}]+``): ASCII bytes are classified by byte
+   arithmetic, and texts holding non-ASCII characters first get every non-ASCII character that is
+   not a letter or digit replaced by a space (a Polars regex, only on those texts). Each word is hashed
+   from its bytes read 8 at a time (one gather per 8 bytes of the longest word) and a 64-bit mix.
+2. Shingles: word n-grams (default 5) are combined from the word hashes with NumPy arithmetic on the
+   flat array, windows never crossing a document boundary.
+3. Sketch: one-permutation MinHash (Li, Owen & Zhang 2012) with optimal densification (Shrivastava
+   2017): each shingle hash is mixed once, its top bits pick one of ``num_perm`` bins, the bin keeps
+   its minimum (``np.minimum.at``); an empty bin ``j`` takes the value of the first non-empty bin
+   along its own pseudo-random probe sequence ``probe(j, 1), probe(j, 2), ...``, the same sequence for
+   every document. Two sketches then agree in a bin with probability equal to the Jaccard similarity,
+   at the cost of one hash per shingle instead of ``num_perm``.
+4. LSH: ``bands`` x ``rows`` (= num_perm / bands) band keys; documents sharing a key are candidates.
+   Documents are sketched in blocks (``block_docs``) and only the band keys are kept, so memory
+   grows by 8 x ``bands`` bytes per document, not with the text.
 5. Verification: each candidate pair's exact Jaccard on the shingle sets must reach ``threshold``,
-   so sketch noise costs recall at worst, never precision.
+   so sketch noise costs recall at worst, never precision. Shingles are recomputed for the
+   documents that appear in a candidate pair only.
 6. Clusters: union-find over verified pairs; the first document (input order) of each cluster is
    kept, the others are marked as duplicates of it.
 """
 
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Odd 64-bit multipliers for combining the words of a shingle (position-dependent, so order matters).
 _MULTS = np.array(
     [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD,
@@ -31,124 +42,265 @@ _MULTS = np.array(
      0x7FB5D329728EA185, 0x81DADEF4BC2DD44D, 0xD9E5B6A7C3F1A3E1],
     dtype=np.uint64,
 )
+_NON_ASCII_SEPARATOR = r"[^\p{L}\p{N}\x00-\x7F]"
+# Words longer than this many bytes (rare: long tokens, base64) are hashed one by one with blake2b.
+_LONG_WORD = 256
+_EMPTY = np.uint32(0xFFFFFFFF)
+# _LOW_BYTES[k]: a mask of the low k bytes of a little-endian uint64 (k = 0..8).
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(9)], dtype=np.uint64)
+# Densification gives up probing after this many attempts (a sketch with one filled bin needs ~num_perm
+# on average; failing 4,096 in a row has probability below 1e-13) and takes the next filled bin instead.
+_MAX_PROBES = 4096
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: a strong 64-bit bijective mix, vectorized."""
+    """splitmix64 finalizer: a strong 64-bit bijective mix, vectorized (a new array; one temporary)."""
     with np.errstate(over="ignore"):
         x = x ^ (x >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> np.uint64(27))
-        x = x * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+        t = np.empty_like(x)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= np.right_shift(x, np.uint64(27), out=t)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= np.right_shift(x, np.uint64(31), out=t)
+        return x
+
+
+def _seed_key(seed: int, salt: int) -> np.uint64:
+    return _mix(np.array([(seed * 0x9E3779B1 + salt) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+
+
+def _utf8_buffer(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes of all texts back to back (uint8, a view where possible) and the n + 1 byte offsets."""
+    arr = texts.rechunk().to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.large_string())
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    data = data[offsets[0] : offsets[-1]]
+    return data, offsets - offsets[0]
+
+
+def _words(texts: pl.Series, split: str = "non_alnum") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bytes of the lowercased texts, word start and end byte positions, and per-text word offsets (n + 1).
+
+    ``split="non_alnum"``: words are maximal runs of letters and digits. ``split="space"``: maximal runs of
+    anything but U+0020 (what ``str.split(" ")`` gives once empty strings are dropped).
+    """
+    # A space after every text: no word runs from one text into the next. (Lazy: collect() releases
+    # the GIL, so blocks sketched on several threads lowercase in parallel.)
+    text = pl.col("t").cast(pl.String).fill_null("")
+    low = pl.LazyFrame({"t": texts}).select(text.str.to_lowercase() + " ").collect()["t"]
+    data, offsets = _utf8_buffer(low)
+    if split == "space":
+        is_word = (data != 0x20).view(np.int8)  # no UTF-8 multi-byte character contains the byte 0x20
+    elif split == "non_alnum":
+        high = np.flatnonzero(data >= 0x80)
+        if len(high):
+            # Only texts with non-ASCII characters need Unicode classes; ASCII bytes are classified below.
+            docs = pl.Series(np.unique(np.searchsorted(offsets, high, side="right") - 1))
+            fixed = pl.LazyFrame({"t": low.gather(docs)}).select(pl.col("t").str.replace_all(_NON_ASCII_SEPARATOR, " ")).collect()["t"]
+            data, offsets = _utf8_buffer(low.scatter(docs, fixed))
+        # Word bytes: a-z, 0-9, and every byte of a (remaining, so letter or digit) non-ASCII character.
+        scratch = data - np.uint8(ord("a"))
+        is_word = scratch < 26
+        np.subtract(data, np.uint8(ord("0")), out=scratch)
+        is_word |= scratch < 10
+        is_word |= data >= 0x80
+        is_word = is_word.view(np.int8)
+    else:
+        raise ValueError(f"split must be 'non_alnum' or 'space', got {split!r}")
+    edge = np.empty(len(data) + 1, dtype=np.int8)  # +1 where a word starts, -1 after it ends
+    if len(data):
+        edge[0] = is_word[0]
+        np.subtract(is_word[1:], is_word[:-1], out=edge[1:-1])
+        edge[-1] = -is_word[-1]
+    else:
+        edge[0] = 0
+    starts = np.flatnonzero(edge == 1)
+    ends = np.flatnonzero(edge == -1)
+    return data, starts, ends, np.searchsorted(starts, offsets)
+
+
+def word_hashes(texts: pl.Series, split: str = "non_alnum", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the words of every lowercased text, flat, plus per-text offsets (n + 1).
+
+    ``split="non_alnum"`` (near-dedup, decontamination): words are maximal runs of letters and digits.
+    ``split="space"``: words are what ``str.split(" ")`` gives, empty strings dropped. Equal words
+    hash equal; different words differ but for 64-bit collisions.
+    """
+    data, starts, ends, offsets = _words(texts, split)
+    return _word_hashes(data, starts, ends, seed), offsets
+
+
+def _word_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, seed: int) -> np.ndarray:
+    """64-bit hash of each word's bytes: 8-byte blocks, each folded in with a mix."""
+    lengths = ends - starts
+    if not len(starts):
+        return np.zeros(0, dtype=np.uint64)
+    padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+    # Element i = the 8 bytes from byte i on, as a little-endian uint64 (an unaligned view: one gather
+    # reads a whole 8-byte block of a word).
+    blocks = np.ndarray(shape=(len(data),), dtype="<u8", buffer=padded, strides=(1,))
+
+    def block(first: np.ndarray, left: np.ndarray) -> np.ndarray:
+        # The 8 bytes at each position in ``first``, those past the word's end (``left`` bytes remain) zeroed.
+        return blocks[first] & np.take(_LOW_BYTES, np.minimum(left, 8))
+
+    h = block(starts, lengths)
+    more = np.flatnonzero(lengths > 8)
+    k = 1
+    while len(more) and 8 * k < _LONG_WORD:
+        h[more] = _mix(h[more]) ^ block(starts[more] + 8 * k, lengths[more] - 8 * k)
+        k += 1
+        more = more[lengths[more] > 8 * k]
+    for i in more.tolist():  # words over _LONG_WORD bytes: rare enough for a loop
+        digest = hashlib.blake2b(data[starts[i] : ends[i]].tobytes(), digest_size=8).digest()
+        h[i] = np.uint64(int.from_bytes(digest, "little"))
+    with np.errstate(over="ignore"):
+        return _mix(h ^ (lengths.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)) ^ _seed_key(seed, 1))
 
 
 def shingle_hashes(texts: pl.Series, ngram: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of every word ``ngram``-shingle of every text, flat, plus per-document offsets.
 
-    Texts are lowercased and split into words at every run of non-alphanumerics (whitespace of any
-    kind included). A text with fewer than
-    ``ngram`` words yields one shingle of all its words; an empty text yields none.
+    Texts are lowercased and split into words at every run of characters that are not letters or
+    digits (whitespace of any kind and punctuation included). A text with fewer than ``ngram`` words
+    yields one shingle of all its words; an empty text yields none.
     """
-    if ngram > len(_MULTS):
-        raise ValueError(f"ngram must be at most {len(_MULTS)}")
-    # Any run of non-alphanumerics (spaces, newlines, tabs, punctuation) separates words.
-    words = texts.str.to_lowercase().str.replace_all(r"[^\p{L}\p{N}]+", " ").str.split(" ").list.eval(
-        pl.element().filter(pl.element() != "")
-    )
-    counts = words.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = words.explode().drop_nulls().hash(seed=seed).to_numpy().astype(np.uint64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    n_shingles = np.where(counts >= ngram, counts - ngram + 1, (counts > 0).astype(np.int64))
+    if not 1 <= ngram <= len(_MULTS):
+        raise ValueError(f"ngram must be between 1 and {len(_MULTS)}, got {ngram}")
+    data, starts, ends, word_off = _words(texts)
+    wh = _word_hashes(data, starts, ends, seed)
+    del data
+    counts = np.diff(word_off)
+    n_words = len(wh)
+    full = counts >= ngram
+    n_shingles = np.where(full, counts - ngram + 1, (counts > 0).astype(np.int64))
     offsets = np.concatenate([[0], np.cumsum(n_shingles)]).astype(np.int64)
-    doc_of = np.repeat(np.arange(len(counts)), n_shingles)
-    first = np.arange(offsets[-1]) - offsets[doc_of] + starts[doc_of]
-    width = np.minimum(counts[doc_of], ngram)
-    out = np.zeros(offsets[-1], dtype=np.uint64)
     with np.errstate(over="ignore"):
-        padded = np.concatenate([flat, np.zeros(ngram, dtype=np.uint64)])
-        for j in range(ngram):
-            take = j < width
-            out += np.where(take, padded[first + j] * _MULTS[j], np.uint64(0))
-    return _mix(out), offsets
+        if n_words >= ngram:
+            # Every window of ngram consecutive words of the flat array, then drop those crossing a document end.
+            windows = wh[: n_words - ngram + 1] * _MULTS[0]
+            for j in range(1, ngram):
+                windows += wh[j : n_words - ngram + 1 + j] * _MULTS[j]
+            valid = np.ones(len(windows), dtype=bool)
+            tail = (word_off[1:][:, None] - np.arange(1, ngram)[None, :]).ravel()  # the last ngram-1 starts of each text
+            valid[tail[(tail >= 0) & (tail < len(windows))]] = False
+            windows = windows[valid]
+        else:
+            windows = np.zeros(0, dtype=np.uint64)
+        short = np.flatnonzero(~full & (counts > 0))
+        if len(short):
+            # Texts with fewer than ngram words: one shingle of all their words.
+            first, cnt = word_off[short], counts[short]
+            one = np.zeros(len(short), dtype=np.uint64)
+            for j in range(ngram - 1):
+                take = j < cnt
+                one[take] += wh[first[take] + j] * _MULTS[j]
+            out = np.empty(offsets[-1], dtype=np.uint64)
+            is_short = np.zeros(offsets[-1], dtype=bool)
+            is_short[offsets[short]] = True
+            out[is_short] = one
+            out[~is_short] = windows
+        else:
+            out = windows
+    return out, offsets
+
+
+def _probe(bins: np.ndarray, attempt: int, bits: int, seed: int) -> np.ndarray:
+    """The attempt-th bin that an empty bin borrows from (same for every document): a hash of (bin, attempt)."""
+    with np.errstate(over="ignore"):
+        x = bins.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(attempt) * np.uint64(0xC2B2AE3D27D4EB4F)
+        return (_mix(x ^ _seed_key(seed, 3)) >> np.uint64(64 - bits)).astype(np.int64)
 
 
 def minhash_signatures(shingles: np.ndarray, offsets: np.ndarray, num_perm: int = 128, seed: int = 0) -> np.ndarray:
-    """(n_docs, num_perm) uint32 sketches by one-permutation hashing with rotation densification."""
-    if num_perm & (num_perm - 1):
-        raise ValueError("num_perm must be a power of two (bins are picked by the top bits)")
+    """(n_docs, num_perm) uint32 sketches: one-permutation hashing with optimal densification.
+
+    A document without shingles gets an all-empty sketch (every value 0xFFFFFFFF).
+    """
+    if num_perm < 2 or num_perm & (num_perm - 1):
+        raise ValueError(f"num_perm must be a power of two >= 2 (bins are picked by the top bits), got {num_perm}")
     n_docs = len(offsets) - 1
-    bits = int(np.log2(num_perm))
-    h = _mix(shingles ^ np.uint64(_mix(np.array([seed], dtype=np.uint64))[0]))
-    bins = (h >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(h), dtype=np.int64)
-    values = (h & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    doc = np.repeat(np.arange(n_docs), np.diff(offsets))
-    empty = np.uint32(0xFFFFFFFF)
-    sig = np.full(n_docs * num_perm, empty, dtype=np.uint32)
-    _group_min(sig, doc * num_perm + bins, values)
+    bits = num_perm.bit_length() - 1
+    h = _mix(shingles ^ _seed_key(seed, 2))
+    keys = np.repeat(np.arange(n_docs, dtype=np.int64) * num_perm, np.diff(offsets)) + (h >> np.uint64(64 - bits)).astype(np.int64)
+    # Low 32 bits as the value (independent of the bin bits); 0xFFFFFFFF is reserved for "empty".
+    values = np.minimum((h & np.uint64(0xFFFFFFFF)).astype(np.uint32), _EMPTY - np.uint32(1))
+    del h
+    sig = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint32)
+    np.minimum.at(sig, keys, values)
     sig = sig.reshape(n_docs, num_perm)
-    # Rotation densification: an empty bin takes the next non-empty bin to its right (circularly),
-    # offset by the distance so borrowed values differ from genuine ones.
-    filled = sig != empty
-    rows = np.flatnonzero(~filled.all(axis=1) & filled.any(axis=1))
-    if len(rows):
-        sub, ok = sig[rows], filled[rows]
-        out, done = sub.copy(), ok.copy()
-        for t in range(1, num_perm):
-            if done.all():
-                break
-            src = np.roll(sub, -t, axis=1)
-            src_ok = np.roll(ok, -t, axis=1)
-            take = ~done & src_ok
-            out[take] = (src[take].astype(np.uint64) + np.uint64(t * 0x9E3779B1) & np.uint64(0xFFFFFFFE)).astype(np.uint32)
-            done |= take
-        sig[rows] = out
-    return sig
+    filled = sig != _EMPTY
+    # Optimal densification: every empty bin of a non-empty sketch walks its probe sequence until it
+    # lands on a bin that was filled by a shingle, and copies that bin's value.
+    doc, empty_bin = np.nonzero(~filled & filled.any(axis=1)[:, None])
+    out = sig.copy()
+    for attempt in range(1, _MAX_PROBES + 1):
+        if not len(doc):
+            break
+        src = _probe(empty_bin, attempt, bits, seed)
+        hit = filled[doc, src]
+        out[doc[hit], empty_bin[hit]] = sig[doc[hit], src[hit]]
+        doc, empty_bin = doc[~hit], empty_bin[~hit]
+    for d, j in zip(doc.tolist(), empty_bin.tolist()):  # never seen in practice: the next filled bin to the right
+        out[d, j] = sig[d, (j + int(np.roll(filled[d], -j).argmax())) % num_perm]
+    return out
 
 
-def _group_min(sig: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
-    """sig[k] = min(values with key k); a multi-threaded Polars aggregation (np.minimum.at is slow)."""
-    if not len(keys):
-        return
-    mins = pl.DataFrame({"k": keys, "v": values}).group_by("k").agg(pl.col("v").min())
-    sig[mins["k"].to_numpy()] = mins["v"].to_numpy()
-
-
-def lsh_candidates(sig: np.ndarray, bands: int) -> np.ndarray:
-    """Candidate pairs (i, j), i < j, from documents sharing any band key; star-shaped per bucket."""
+def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
+    """(n_docs, bands) uint64 LSH keys: band b hashes sketch columns [b * rows, (b + 1) * rows)."""
     n, k = sig.shape
     if k % bands:
         raise ValueError(f"bands ({bands}) must divide num_perm ({k})")
     rows = k // bands
-    pairs = []
+    block = sig.reshape(n, bands, rows).astype(np.uint64)
     with np.errstate(over="ignore"):
-        for b in range(bands):
-            block = sig[:, b * rows : (b + 1) * rows].astype(np.uint64)
-            key = np.zeros(n, dtype=np.uint64)
-            for r in range(rows):
-                key = _mix(key ^ block[:, r] ^ np.uint64(r + 1))
-            df = pl.DataFrame({"key": key, "doc": np.arange(n)}).group_by("key").agg(pl.col("doc").min().alias("head"), pl.col("doc"))
-            df = df.filter(pl.col("doc").list.len() > 1).explode("doc").filter(pl.col("doc") != pl.col("head"))
-            if df.height:
-                pairs.append(df.select("head", "doc").to_numpy())
-    if not pairs:
+        key = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15), (n, bands)).copy()
+        for r in range(rows):
+            key = _mix(key ^ block[:, :, r] ^ np.uint64(r + 1))
+    return key
+
+
+def candidates_from_keys(keys: np.ndarray) -> np.ndarray:
+    """Candidate pairs (i, j), i < j, of documents sharing a band key; star-shaped per bucket (first doc to each other)."""
+    n, bands = keys.shape
+    if not n:
         return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(pairs), axis=0)
+    # Band keys are seeded by the band index, so one flat key column holds every band.
+    df = pl.DataFrame({"key": keys.ravel(), "doc": np.repeat(np.arange(n, dtype=np.int64), bands)})
+    pairs = (
+        df.filter(pl.len().over("key") > 1)
+        .with_columns(head=pl.col("doc").min().over("key"))
+        .filter(pl.col("doc") != pl.col("head"))
+        .select("head", "doc")
+        .unique()
+        .sort("head", "doc")
+    )
+    return pairs.to_numpy().astype(np.int64).reshape(-1, 2)
+
+
+def lsh_candidates(sig: np.ndarray, bands: int) -> np.ndarray:
+    """Candidate pairs (i, j), i < j, from documents sharing any band key; star-shaped per bucket."""
+    return candidates_from_keys(band_keys(sig, bands))
 
 
 def exact_jaccard(shingles: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Exact Jaccard similarity of the shingle sets of each pair."""
+    """Exact Jaccard similarity of the shingle sets of each pair (two empty sets: 1.0)."""
     sets: dict[int, np.ndarray] = {}
-
-    def get(i: int) -> np.ndarray:
-        if i not in sets:
-            sets[i] = np.unique(shingles[offsets[i] : offsets[i + 1]])
-        return sets[i]
-
+    for d in np.unique(pairs).tolist():
+        s = np.sort(shingles[offsets[d] : offsets[d + 1]])
+        sets[d] = s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
     out = np.empty(len(pairs))
     for n, (i, j) in enumerate(pairs.tolist()):
-        a, b = get(i), get(j)
-        inter = len(np.intersect1d(a, b, assume_unique=True))
+        a, b = sets[i], sets[j]
+        if len(a) > len(b):
+            a, b = b, a
+        # a is the smaller sorted set: look each of its elements up in b.
+        inter = int(np.count_nonzero(b[np.minimum(np.searchsorted(b, a), len(b) - 1)] == a)) if len(a) else 0
         union = len(a) + len(b) - inter
         out[n] = inter / union if union else 1.0
     return out
@@ -168,17 +320,34 @@ def _clusters(n: int, edges: np.ndarray) -> np.ndarray:
         ri, rj = find(i), find(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
-    return np.array([find(i) for i in range(n)])
+    # Roots are the smallest index of their component; parents always point to smaller indices,
+    # so one pass in index order resolves every document.
+    root = parent.copy()
+    for i in np.flatnonzero(root != np.arange(n)).tolist():
+        root[i] = root[root[i]]
+    return root
+
+
+def lsh_recall(similarity: float, bands: int, rows: int) -> float:
+    """Probability that a pair of this Jaccard similarity shares at least one band (the LSH S-curve)."""
+    return 1.0 - (1.0 - similarity**rows) ** bands
 
 
 @dataclass
 class NearDupResult:
-    """Per document: the kept document it duplicates (-1 if kept); plus what the search did."""
+    """Per document: the kept document it duplicates (-1 if kept); plus what the search did.
+
+    ``lsh_threshold`` is the S-curve midpoint (1/bands)^(1/rows) where a pair becomes a candidate with
+    probability ~1/2; ``recall_at_threshold`` is that probability at the verification threshold. The
+    effective threshold of the decision is the exact-Jaccard ``threshold`` itself: no pair below it is
+    ever marked.
+    """
 
     duplicate_of: np.ndarray
     candidates: int
     verified: int
     lsh_threshold: float
+    recall_at_threshold: float = float("nan")
 
     @property
     def cluster_sizes(self) -> list[int]:
@@ -186,21 +355,65 @@ class NearDupResult:
         return sorted((np.bincount(heads)[np.unique(heads)] + 1).tolist(), reverse=True) if len(heads) else []
 
 
-def near_duplicates(
-    texts: pl.Series, threshold: float = 0.8, ngram: int = 5, num_perm: int = 128, bands: int = 16, seed: int = 0
-) -> NearDupResult:
-    """Find near-duplicates among ``texts`` (Jaccard of word n-gram sets >= ``threshold``)."""
-    n = len(texts)
+def _sketch_block(texts: pl.Series, ngram: int, num_perm: int, bands: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Band keys of one block of texts, and which of them have at least one shingle."""
     shingles, offsets = shingle_hashes(texts, ngram, seed)
     sig = minhash_signatures(shingles, offsets, num_perm, seed)
-    # Documents without shingles (empty text) have no sketch and match nothing.
-    sig[np.diff(offsets) == 0] = np.arange(num_perm, dtype=np.uint32)[None, :] ^ np.uint32(0x5BD1E995)
-    pairs = lsh_candidates(sig, bands)
-    has = np.diff(offsets) > 0
-    pairs = pairs[has[pairs[:, 0]] & has[pairs[:, 1]]] if len(pairs) else pairs
-    sims = exact_jaccard(shingles, offsets, pairs) if len(pairs) else np.zeros(0)
+    return band_keys(sig, bands), np.diff(offsets) > 0
+
+
+def near_duplicates(
+    texts: pl.Series,
+    threshold: float = 0.8,
+    ngram: int = 5,
+    num_perm: int = 128,
+    bands: int = 16,
+    seed: int = 0,
+    block_docs: int = 8192,
+    workers: int = 1,
+) -> NearDupResult:
+    """Find near-duplicates among ``texts`` (Jaccard of word n-gram sets >= ``threshold``).
+
+    Documents are sketched in blocks of ``block_docs``, on ``workers`` threads if more than one; the
+    result does not depend on either. One thread is the default: on the shared 2-core machines this was
+    measured on, a second thread gave no speed-up (see docs/benchmarks.md).
+    """
+    n = len(texts)
+    if num_perm % bands:
+        raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
+    rows = num_perm // bands
+    keys = np.zeros((n, bands), dtype=np.uint64)
+    has = np.zeros(n, dtype=bool)
+    spans = [(a, min(a + block_docs, n)) for a in range(0, n, block_docs)]
+
+    def run(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        return _sketch_block(texts.slice(span[0], span[1] - span[0]), ngram, num_perm, bands, seed)
+
+    if workers > 1 and len(spans) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = pool.map(run, spans)
+            for (a, b), (k, h) in zip(spans, results):
+                keys[a:b], has[a:b] = k, h
+    else:
+        for a, b in spans:
+            keys[a:b], has[a:b] = run((a, b))
+    # Documents without shingles (empty text) match nothing.
+    keys[~has] = _mix(np.arange(n, dtype=np.uint64)[~has, None] * np.uint64(bands) + np.arange(bands, dtype=np.uint64)[None, :])
+    pairs = candidates_from_keys(keys)
+    pairs = pairs[has[pairs[:, 0]] & has[pairs[:, 1]]]
+    if len(pairs):
+        # Exact verification: shingles again, for the documents in a candidate pair only.
+        docs, local = np.unique(pairs, return_inverse=True)
+        parts = [shingle_hashes(texts.gather(docs[a : a + block_docs]), ngram, seed) for a in range(0, len(docs), block_docs)]
+        shingles = np.concatenate([sh for sh, _ in parts])
+        sizes = np.concatenate([np.diff(off) for _, off in parts])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        sims = exact_jaccard(shingles, offsets, local.reshape(-1, 2))
+    else:
+        sims = np.zeros(0)
     edges = pairs[sims >= threshold]
     root = _clusters(n, edges)
     dup = np.where(root != np.arange(n), root, -1)
-    rows = num_perm // bands
-    return NearDupResult(dup, int(len(pairs)), int(len(edges)), float((1 / bands) ** (1 / rows)))
+    return NearDupResult(
+        dup, len(pairs), len(edges), float((1 / bands) ** (1 / rows)), lsh_recall(threshold, bands, rows)
+    )

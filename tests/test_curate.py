@@ -55,7 +55,7 @@ def _write_jsonl(path: Path, lines: list[bytes]) -> Path:
 
 
 def adversarial_source(tmp_path: Path) -> Path:
-    ok = lambda *p: json.dumps({"messages": _msgs(*p)}).encode()  # noqa: E731
+    ok = lambda *p: json.dumps({"messages": _msgs(*p)}).encode()
     lines = [
         ok(("user", "What is 2+2?"), ("assistant", "4")),  # 1 kept
         b'{"messages": [ {"role": "user", "content": "trunc',  # 2 bad json
@@ -253,3 +253,34 @@ def test_mix_targets_caps_and_realized_shares(tmp_path: Path) -> None:
     assert stats["mix"]["recipe"]["a"] == {"weight": 1.0, "target_rows": 70, "max_rows": 65}
     # 65 = 2 full copies of 30 + 5 sampled rows; the same seed gives the same mix.
     assert curate(cfg, seed=1)[0].equals(train)
+
+
+def test_top_ngram_rule_in_numpy_matches_the_expression() -> None:
+    import random
+
+    from sft_engine.config import QualityConfig
+    from sft_engine.curate import _top_ngram_rule, top_ngram_exceeds
+
+    q = QualityConfig(max_top_ngram_fraction=0.3, repetition_min_words=6)
+    texts = [
+        "x y z x y z x y z",  # xyz 3 times: 9 of 9 words
+        "one two three four five six seven",  # every 3-gram once
+        "Buy NOW buy now buy now",  # case folded: 'buy now buy' twice, 6 of 6 words
+        "a b c",  # fewer than repetition_min_words
+        None,
+        "",
+        "p  q r p q r p q r s t u v w",  # double space ignored: pqr 3 times, 9 of 14 words
+        "word. word. word. word. word. word.",  # punctuation stays on the word
+        "al be ce de ef ge ha ij ka el em en al be ce",  # 'al be ce' twice: 6 of 15 words, 0.4
+    ]
+    series = pl.Series(texts, dtype=pl.String)
+    assert top_ngram_exceeds(series, q).to_list() == [True, False, True, False, False, False, True, True, True]
+    rng = random.Random(0)
+    vocab = ["a", "b", "c", "d", "e", "f", "g", "h", "A", "B", "", ","]
+    many = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    for frac, min_words in ((0.3, 30), (0.1, 5), (0.05, 1)):
+        qq = QualityConfig(max_top_ngram_fraction=frac, repetition_min_words=min_words)
+        s = pl.Series(many + texts, dtype=pl.String)
+        expected = pl.DataFrame({"t": s}).select(_top_ngram_rule(pl.col("t"), qq).fill_null(False)).to_series()
+        assert top_ngram_exceeds(s, qq).to_list() == expected.to_list()
+        assert 0 < sum(expected) < len(s)

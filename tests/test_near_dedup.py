@@ -76,3 +76,113 @@ def test_curation_marks_near_duplicates_with_the_row_they_duplicate(tmp_path: Pa
     assert stats["near_dedup"]["verified_pairs"] == 1 and stats["near_dedup"]["cluster_sizes"] == [2]
     off = curate(CurateConfig(sources=[{"name": "n", "path": str(src)}], heldout_fraction=0.0, near_dedup={"enabled": False}))
     assert off[0].height == 3
+
+
+# ---- exact expectations for the vectorized pieces ------------------------------------------------------------
+
+M64 = (1 << 64) - 1
+
+
+def _splitmix(x: int) -> int:
+    """The splitmix64 finalizer in plain Python ints (the reference for near_dedup._mix)."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & M64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def _reference_sketch(shingles: list[int], num_perm: int, seed: int) -> list[int]:
+    """One-permutation hashing with optimal densification, one document, plain Python."""
+    bits = num_perm.bit_length() - 1
+    key = _splitmix((seed * 0x9E3779B1 + 2) & M64)
+    bins: dict[int, int] = {}
+    for s in shingles:
+        h = _splitmix(s ^ key)
+        b, v = h >> (64 - bits), min(h & 0xFFFFFFFF, 0xFFFFFFFE)
+        bins[b] = min(bins.get(b, v), v)
+    if not bins:
+        return [0xFFFFFFFF] * num_perm
+    probe_key = _splitmix((seed * 0x9E3779B1 + 3) & M64)
+    out = []
+    for j in range(num_perm):
+        attempt = 0
+        src = j
+        while src not in bins:
+            attempt += 1
+            x = (j * 0x9E3779B97F4A7C15 + attempt * 0xC2B2AE3D27D4EB4F) & M64
+            src = _splitmix(x ^ probe_key) >> (64 - bits)
+        out.append(bins[src])
+    return out
+
+
+def test_densified_sketch_equals_a_plain_python_reference() -> None:
+    rng = random.Random(3)
+    docs = [[rng.getrandbits(64) for _ in range(k)] for k in (0, 1, 2, 5, 40, 300, 1)]
+    docs.append(docs[4][:])  # the same set twice: the same sketch
+    flat = np.array([s for d in docs for s in d], dtype=np.uint64)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    for num_perm, seed in ((16, 0), (128, 7)):
+        sig = minhash_signatures(flat, offsets, num_perm, seed)
+        assert sig.dtype == np.uint32 and sig.shape == (len(docs), num_perm)
+        for i, d in enumerate(docs):
+            assert sig[i].tolist() == _reference_sketch(d, num_perm, seed), (num_perm, seed, i)
+    sig = minhash_signatures(flat, offsets, 128, 0)
+    assert (sig[0] == 0xFFFFFFFF).all()  # no shingles: empty sketch
+    assert len(set(sig[1].tolist())) == 1  # one shingle: every bin borrows its value
+    assert sig[4].tolist() == sig[7].tolist()
+
+
+def test_exact_jaccard_on_small_sets() -> None:
+    sh = np.array([1, 2, 3, 3, 2, 3, 4, 4, 9], dtype=np.uint64)
+    off = np.array([0, 4, 8, 8, 8, 9])  # {1,2,3}, {2,3,4}, {}, {}, {9}
+    pairs = np.array([[0, 1], [2, 3], [0, 2], [1, 0], [0, 4]])
+    assert exact_jaccard(sh, off, pairs).tolist() == [0.5, 1.0, 0.0, 0.5, 0.0]
+
+
+def test_words_split_at_unicode_non_alphanumerics_and_hash_by_all_their_bytes() -> None:
+    texts = ["Café—BAR “naïve” ٣ 日本語\u00a0x", "café bar naïve ٣ 日本語 x", "abc", "def", "abcdef"]
+    long_words = ["a" * n for n in (7, 8, 9, 15, 16, 17, 255, 256, 257, 300)] + ["b" * 16 + "x", "b" * 16 + "y", "b" * 300 + "x", "b" * 300 + "y"]
+    sh, off = shingle_hashes(pl.Series(texts + long_words), ngram=1)
+    counts = np.diff(off).tolist()
+    assert counts[:5] == [6, 6, 1, 1, 1]
+    assert sh[off[0] : off[1]].tolist() == sh[off[1] : off[2]].tolist()
+    # Words never run from one text into the next; every byte of a word counts.
+    assert len({sh[off[2]], sh[off[3]], sh[off[4]]}) == 3
+    assert len(set(sh[off[5] :].tolist())) == len(long_words)
+    # The same word hashes the same wherever it stands.
+    again, _ = shingle_hashes(pl.Series(["x"] + long_words[::-1]), ngram=1)
+    assert sorted(again[1:].tolist()) == sorted(sh[off[5] :].tolist())
+
+
+def test_shingles_match_the_word_ngrams_of_a_plain_python_tokenizer() -> None:
+    import re
+
+    rng = random.Random(5)
+    alphabet = list("abcXYZ019 \t\n.,;!?-_'\"") + list("éÜß—“”…\u00a0٣日本語ΣσЖж½🙂")
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(400)]
+    sh, off = shingle_hashes(pl.Series(texts), ngram=3)
+    seen: dict[tuple[str, ...], int] = {}
+    for i, t in enumerate(texts):
+        words = re.findall(r"[^\W_]+", t.lower())
+        grams = [tuple(words[k : k + 3]) for k in range(len(words) - 2)] if len(words) >= 3 else ([tuple(words)] if words else [])
+        assert off[i + 1] - off[i] == len(grams), t
+        for g, h in zip(grams, sh[off[i] : off[i + 1]].tolist()):
+            assert seen.setdefault(g, h) == h  # equal n-grams, equal hashes
+    assert len(set(seen.values())) == len(seen)  # different n-grams, different hashes
+
+
+def test_clusters_keep_the_first_document_of_each_component() -> None:
+    from sft_engine.near_dedup import _clusters
+
+    assert _clusters(7, np.array([[3, 5], [0, 3], [1, 2], [5, 6]])).tolist() == [0, 1, 1, 0, 4, 0, 0]
+
+
+def test_blocks_and_threads_do_not_change_the_result() -> None:
+    docs = _corpus(400, 120, seed=2)
+    one = near_duplicates(pl.Series(docs), block_docs=10_000, workers=1)
+    many = near_duplicates(pl.Series(docs), block_docs=64, workers=2)
+    assert many.duplicate_of.tolist() == one.duplicate_of.tolist()
+    assert (many.candidates, many.verified) == (one.candidates, one.verified)
+    assert one.verified > 50
+    assert round(one.recall_at_threshold, 4) == 0.947  # 16 x 8 bands: P(candidate | J = 0.8)
