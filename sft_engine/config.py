@@ -247,6 +247,11 @@ class GateConfig(_Strict):
     max_knowledge_drop: float | None = Field(
         default=2.0, ge=0, description="Largest drop in accuracy points (of 100) allowed on any knowledge set (None = off)."
     )
+    knowledge_noise_z: float | None = Field(
+        default=None, gt=0,
+        description="If set, a knowledge drop fails the gate only when it also exceeds this many standard errors of the "
+        "base-tuned difference (2 ~ 95 %), so a small `knowledge.limit` does not fail runs on sampling noise.",
+    )
     min_scores: dict[str, float] = Field(
         default_factory=dict, description="Table metric -> minimum tuned value, e.g. {tasks.exact_match: 0.3}."
     )

@@ -163,9 +163,13 @@ def check_gate(table: list[dict[str, Any]], gate: Any) -> tuple[bool, list[str]]
             if row["delta"] is None:
                 reasons.append(f"max_knowledge_drop needs the base model's {row['metric']} (evaluate.compare_base: true)")
             elif (drop := 100 * (row["base"] - row["tuned"])) > gate.max_knowledge_drop:
+                se = 100 * math.sqrt((row["base_stderr"] or 0) ** 2 + (row["tuned_stderr"] or 0) ** 2)
+                if gate.knowledge_noise_z is not None and drop <= gate.knowledge_noise_z * se:
+                    continue  # larger than allowed, but within sampling noise at this many items
+                noise = f", beyond {gate.knowledge_noise_z:g} standard errors ({se:.1f} points)" if gate.knowledge_noise_z else ""
                 reasons.append(
                     f"{row['metric']} dropped {drop:.1f} points (base {100 * row['base']:.1f} -> tuned "
-                    f"{100 * row['tuned']:.1f}); the gate allows {gate.max_knowledge_drop:g}"
+                    f"{100 * row['tuned']:.1f}); the gate allows {gate.max_knowledge_drop:g}{noise}"
                 )
     for metric, minimum in gate.min_scores.items():
         if metric not in by:

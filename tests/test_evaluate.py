@@ -93,6 +93,11 @@ def test_results_table_and_gate_reasons() -> None:
         "tasks.exact_match = 0.5000 is below the minimum 0.6",
         "min_scores names 'ifbench.x', which is not in the table (heldout.loss, knowledge.mmlu.acc, tasks.exact_match)",
     ]
+    # 5 points down with a difference stderr of 7.1 points: within noise at z=2, beyond it at z=0.5.
+    assert check_gate(table, GateConfig(max_knowledge_drop=2, knowledge_noise_z=2)) == (True, [])
+    assert check_gate(table, GateConfig(max_knowledge_drop=2, knowledge_noise_z=0.5))[1] == [
+        "knowledge.mmlu.acc dropped 5.0 points (base 40.0 -> tuned 35.0); the gate allows 2, beyond 0.5 standard errors (7.1 points)"
+    ]
     no_base = results_table({"tuned": scores["tuned"]})
     assert check_gate(no_base, GateConfig(max_knowledge_drop=None))[1] == [
         "heldout_loss_must_drop needs the base model's held-out loss (evaluate.compare_base: true)"
