@@ -34,6 +34,9 @@ EPILOG = textwrap.dedent(
                                    Browse: mlflow ui --backend-store-uri sqlite:///<work_dir>/mlflow.db
 
     Each stage command runs the stages before it first (reusing finished ones), then stops.
+
+    exit codes: 0 done; 2 bad config or arguments; 3 the evaluation gate (evaluate.gate) failed,
+    every result still logged to MLflow with the reasons.
     """
 )
 
