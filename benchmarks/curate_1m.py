@@ -261,6 +261,7 @@ def main() -> None:
         return
 
     import psutil
+    from _measure import tree_pss  # sibling module: scripts run as python benchmarks/<name>.py
 
     data = Path(args.data or f"/tmp/sft_curate_{args.n}")
     marker = data / "_generated.json"
@@ -288,16 +289,7 @@ def main() -> None:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            try:
-                total = 0
-                for q in [root, *root.children(recursive=True)]:
-                    try:
-                        total += q.memory_full_info().pss
-                    except psutil.Error:
-                        pass
-                tree_peak = max(tree_peak, total)
-            except psutil.Error:
-                pass
+            tree_peak = max(tree_peak, tree_pss(root))
             time.sleep(0.5)
         wall = time.perf_counter() - t
         out.seek(0)

@@ -430,6 +430,7 @@ def run_datatrove(folder: Path, args: argparse.Namespace) -> dict:
 def _run_side(side: str, folder: str, args: argparse.Namespace) -> dict:
     """Run one side in a fresh interpreter: its ru_maxrss via os.wait4, and the summed PSS of its process tree."""
     import psutil
+    from _measure import tree_pss  # sibling module: scripts run as python benchmarks/<name>.py
 
     cmd = [sys.executable, __file__, "--side", side, "--folder", folder, "--n", str(args.n)] + (["--profile"] if args.profile else [])
     t = time.perf_counter()
@@ -440,16 +441,7 @@ def _run_side(side: str, folder: str, args: argparse.Namespace) -> dict:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            try:
-                total = 0
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_full_info().pss
-                    except psutil.Error:
-                        pass
-                tree_peak = max(tree_peak, total)
-            except psutil.Error:
-                pass
+            tree_peak = max(tree_peak, tree_pss(root))
             time.sleep(0.2)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t

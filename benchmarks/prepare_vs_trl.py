@@ -180,6 +180,7 @@ def _side(args: argparse.Namespace) -> None:
 def _run_side(side: str, tmp: str, args: argparse.Namespace) -> dict:
     """Run one side in a fresh interpreter; sample the PSS of its whole process tree (workers included)."""
     import psutil
+    from _measure import tree_pss  # sibling module: scripts run as python benchmarks/<name>.py
 
     cmd = [sys.executable, __file__, "--side", side, "--folder", tmp, "--max-seq-len", str(args.max_seq_len),
            "--num-proc", str(args.num_proc)]
@@ -188,17 +189,7 @@ def _run_side(side: str, tmp: str, args: argparse.Namespace) -> dict:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         root, tree_peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:
-            try:
-                procs = [root, *root.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_full_info().pss  # PSS: forked workers' shared pages counted once
-                    except psutil.Error:
-                        pass
-                tree_peak = max(tree_peak, total)
-            except psutil.Error:
-                pass
+            tree_peak = max(tree_peak, tree_pss(root))
             time.sleep(0.05)
         wall = time.perf_counter() - t
         out.seek(0)
