@@ -212,7 +212,9 @@ def read_source(source: SourceConfig, seed: int = 0, max_row_bytes: int = 1_000_
         msgs = None
         if err is None:
             msgs, err = normalize_row(obj, source.format, source.columns)
-            if err is not None and not raw:
+            if err is None:
+                raw = ""  # a row that normalized is shown by its messages; a 500-char preview per row is ~25% of the memory
+            elif not raw:
                 raw = orjson.dumps(obj, default=str)[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
         records.append({"source": source.name, "row": len(records) + 1, "messages": msgs, "drop_reason": err, "raw": raw or None})
 
@@ -535,26 +537,30 @@ def curation_stats(curated: pl.DataFrame, mixed: pl.DataFrame, source_names: lis
 
 
 CANONICAL_COLUMNS = ["source", "row", "messages"]
+# What the global steps need of each row besides its text: the marks. Rows are keyed by (source, row).
+MARK_COLUMNS = ["source", "row", "drop_reason", "dup_of", "split", "decontam_match", "n_chars"]
+REJECTED_COLUMNS = ["source", "row", "drop_reason", "dup_of", "decontam_match", "raw", "messages"]
+KEY = ["source", "row"]
 
 
-def finalize(
-    curated: pl.DataFrame, near_info: dict[str, Any], cfg: CurateConfig, seed: int = 0
+def plan_outputs(
+    marks: pl.DataFrame, near_info: dict[str, Any], cfg: CurateConfig, seed: int = 0
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
-    """Mix the kept train rows by source weight; return (train, heldout, rejected, stats)."""
-    kept = curated.filter(pl.col("drop_reason").is_null())
-    train = mix_train(kept.filter(pl.col("split") == "train"), cfg.sources, seed)
-    heldout = kept.filter(pl.col("split") == "heldout")
-    rejected = curated.filter(pl.col("drop_reason").is_not_null()).select(
-        ["source", "row", "drop_reason", "dup_of", "decontam_match", "raw", "messages"]
-    )
-    stats = curation_stats(curated, train, [s.name for s in cfg.sources])
+    """From the marks alone (no text): the keys of the mixed train rows in their order, of the held-out
+    rows, of the rejected rows (with their reasons), and the stats. The text is attached afterwards
+    (``attach``), so the global step never holds every conversation at once."""
+    kept = marks.filter(pl.col("drop_reason").is_null())
+    train = mix_train(kept.filter(pl.col("split") == "train").select(KEY), cfg.sources, seed)
+    heldout = kept.filter(pl.col("split") == "heldout").select(KEY)
+    rejected = marks.filter(pl.col("drop_reason").is_not_null()).select(KEY + ["drop_reason", "dup_of", "decontam_match"])
+    stats = curation_stats(marks, train, [s.name for s in cfg.sources])
     stats["near_dedup"] = near_info
     total = max(1, train.height)
     stats["mix"] = {
         "recipe": {s.name: {"weight": s.weight, "target_rows": s.target_rows, "max_rows": s.max_rows} for s in cfg.sources},
         "realized_share": {name: st["mixed_train_rows"] / total for name, st in stats["per_source"].items()},
     }
-    matched = curated.filter(pl.col("decontam_match").is_not_null())
+    matched = marks.filter(pl.col("decontam_match").is_not_null())
     stats["decontamination"] = {
         "action": cfg.decontaminate.action,
         "ngram": cfg.decontaminate.ngram,
@@ -564,7 +570,26 @@ def finalize(
         # Which eval item each matched row overlapped (first 1000), for the report.
         "matches": matched.select("source", "row", "decontam_match").head(1000).rows(),
     }
-    return train.select(CANONICAL_COLUMNS), heldout.select(CANONICAL_COLUMNS), rejected, stats
+    return train, heldout, rejected, stats
+
+
+def attach(keys: pl.DataFrame | pl.LazyFrame, content: pl.LazyFrame, columns: list[str]) -> pl.LazyFrame:
+    """``keys`` (in their order, repeats kept) with the content columns of the same (source, row)."""
+    return keys.lazy().join(content, on=KEY, how="left", maintain_order="left").select(columns)
+
+
+def finalize(
+    curated: pl.DataFrame, near_info: dict[str, Any], cfg: CurateConfig, seed: int = 0
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """Mix the kept train rows by source weight; return (train, heldout, rejected, stats), in memory."""
+    train, heldout, rejected, stats = plan_outputs(curated, near_info, cfg, seed)
+    content = curated.lazy().select(KEY + ["raw", "messages"])
+    return (
+        attach(train, content, CANONICAL_COLUMNS).collect(),
+        attach(heldout, content, CANONICAL_COLUMNS).collect(),
+        attach(rejected, content, REJECTED_COLUMNS).collect(),
+        stats,
+    )
 
 
 def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:

@@ -8,8 +8,10 @@ first matching eval set and item are reported.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,39 @@ def _fold(s: pl.Series) -> pl.Series:
     return s.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
 
 
+@dataclass(frozen=True)
+class _EvalIndex:
+    """One eval set, ready to match: its short items (folded text -> item), and its long items' n-gram
+    hashes sorted, with the item of each, plus the distinct hashes for the membership test."""
+
+    short: dict[str, int]
+    sorted_hashes: np.ndarray
+    item_of_sorted: np.ndarray
+    distinct: pl.Series
+
+
+def _files_stamp(es: EvalSetConfig) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of an eval set's files: part of the cache key, so a long-lived process (a served
+    deployment) sees an edited eval file."""
+    if es.path is None:
+        return ()
+    return tuple((p, (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in sorted(glob.glob(es.path)))
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_index(es_json: str, ngram: int, seed: int, stamp: tuple[tuple[str, int, int], ...]) -> _EvalIndex:
+    """Built once per process and eval set, not once per shard (a 1M-row run has dozens of shards)."""
+    items = eval_items(EvalSetConfig.model_validate_json(es_json))
+    n_words = [len(t.split()) for t in items]
+    folded = _fold(pl.Series(items, dtype=pl.String)).to_list()
+    short = {f: i for i, f in reversed(list(enumerate(folded))) if n_words[i] < ngram and f}
+    long_items = [t if n_words[i] >= ngram else "" for i, t in enumerate(items)]
+    ev_sh, ev_off = shingle_hashes(pl.Series(long_items, dtype=pl.String), ngram, seed)
+    item_of = np.repeat(np.arange(len(items)), np.diff(ev_off))
+    order = np.argsort(ev_sh, kind="stable")
+    return _EvalIndex(short, ev_sh[order], item_of[order], pl.Series(ev_sh).unique())
+
+
 def find_contamination(texts: pl.Series, cfg: DecontamConfig, seed: int = 0) -> list[str | None]:
     """Per text, 'set:item' of the first eval item it overlaps, or None.
 
@@ -56,28 +91,22 @@ def find_contamination(texts: pl.Series, cfg: DecontamConfig, seed: int = 0) -> 
     doc_sh, doc_off = shingle_hashes(texts, cfg.ngram, seed)
     doc_of = np.repeat(np.arange(len(texts)), np.diff(doc_off))
     folded = _fold(texts)
+    doc_hashes = pl.Series(doc_sh)
     for es in cfg.eval_sets:
-        items = eval_items(es)
-        n_words = [len(t.split()) for t in items]
-        short = {f: i for i, f in reversed(list(enumerate(_fold(pl.Series(items, dtype=pl.String)).to_list()))) if n_words[i] < cfg.ngram and f}
-        if short:
-            found = folded.str.extract_many(list(short), overlapping=False)
+        index = _eval_index(es.model_dump_json(), cfg.ngram, seed, _files_stamp(es))
+        if index.short:
+            found = folded.str.extract_many(list(index.short), overlapping=False)
             for d, matches in enumerate(found.to_list()):
                 if out[d] is None and matches:
-                    out[d] = f"{es.name}:{short[matches[0]]}"
-        long_items = [t if n_words[i] >= cfg.ngram else "" for i, t in enumerate(items)]
-        ev_sh, ev_off = shingle_hashes(pl.Series(long_items, dtype=pl.String), cfg.ngram, seed)
-        if len(ev_sh) == 0:
+                    out[d] = f"{es.name}:{index.short[matches[0]]}"
+        if len(index.sorted_hashes) == 0:
             continue
-        item_of = np.repeat(np.arange(len(items)), np.diff(ev_off))
-        order = np.argsort(ev_sh, kind="stable")
-        ev_sorted, item_sorted = ev_sh[order], item_of[order]
         # A hash-set membership test first (Polars' is_in); the binary search that names the item runs
         # only on the few shingles that hit. 10x faster than searching every document shingle.
-        cand = np.flatnonzero(pl.Series(doc_sh).is_in(pl.Series(ev_sorted).unique()).to_numpy())
-        pos = np.searchsorted(ev_sorted, doc_sh[cand])
+        cand = np.flatnonzero(doc_hashes.is_in(index.distinct).to_numpy())
+        pos = np.searchsorted(index.sorted_hashes, doc_sh[cand])
         for shingle_idx, p in zip(cand.tolist(), pos.tolist(), strict=True):
             d = int(doc_of[shingle_idx])
             if out[d] is None:
-                out[d] = f"{es.name}:{int(item_sorted[p])}"
+                out[d] = f"{es.name}:{int(index.item_of_sorted[p])}"
     return out

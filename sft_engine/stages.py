@@ -20,7 +20,17 @@ import polars as pl
 
 from sft_engine import __version__, plots
 from sft_engine.config import PipelineConfig, SourceConfig, config_to_dict
-from sft_engine.curate import check_rows, dedup_and_split, finalize, read_source, source_files
+from sft_engine.curate import (
+    CANONICAL_COLUMNS,
+    MARK_COLUMNS,
+    REJECTED_COLUMNS,
+    attach,
+    check_rows,
+    dedup_and_split,
+    plan_outputs,
+    read_source,
+    source_files,
+)
 from sft_engine.data import prepare_split
 from sft_engine.evalsets import ifbench_items, verifiable_items
 from sft_engine.evaluate import generate, generate_samples, heldout_loss, results_table, score_tasks
@@ -190,7 +200,7 @@ class CuratePlan:
 
     out: Path  # curate/<key>: the mixed splits
     dedup: Path  # curate_dedup/<key>: every row after global dedup + split
-    units: tuple[CurateUnit, ...]  # empty when ``out`` or ``dedup`` is already complete
+    units: tuple[CurateUnit, ...]  # empty when ``out`` is already complete
 
 
 def plan_curate(cfg: PipelineConfig) -> CuratePlan:
@@ -219,8 +229,8 @@ def plan_curate(cfg: PipelineConfig) -> CuratePlan:
             units.append(CurateUnit(s.name, f"{s.name}[{i}]", tuple(str(p) for p in group), folder))
     dedup = stage_dir(cfg.work_dir, "curate_dedup", _dedup_key(cfg, source_keys))
     out = stage_dir(cfg.work_dir, "curate", _curate_key(cfg, dedup.name))
-    pending = not (is_complete(out) or is_complete(dedup))
-    return CuratePlan(out, dedup, tuple(units) if pending else ())
+    # The outputs take the conversations from the unit folders, so they are needed unless the outputs exist.
+    return CuratePlan(out, dedup, () if is_complete(out) else tuple(units))
 
 
 def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
@@ -246,24 +256,29 @@ def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
     return StageOutput(unit.folder, reused=False)
 
 
-def _read_units(plan: CuratePlan) -> pl.DataFrame:
-    """Every unit's checked rows in plan order, with each sharded source's rows numbered 1.. across its shards."""
-    by_source: dict[str, list[pl.DataFrame]] = {}
+def _unit_rows(plan: CuratePlan, columns: list[str]) -> pl.LazyFrame:
+    """Those columns of every unit's checked rows, in plan order, with each sharded source's rows
+    numbered 1.. across its shards (a shard's rows are numbered within it; row counts come from the
+    Parquet footers). Lazy, so each reader takes only the columns it needs."""
+    offsets: dict[str, int] = {}
+    parts = []
     for unit in plan.units:
-        by_source.setdefault(unit.source, []).append(pl.read_parquet(unit.folder / "rows.parquet"))
-    parts = [
-        frames[0] if len(frames) == 1 else pl.concat(frames).with_columns(row=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
-        for frames in by_source.values()
-    ]
+        path = unit.folder / "rows.parquet"
+        offset = offsets.get(unit.source, 0)
+        parts.append(pl.scan_parquet(path).select(columns).with_columns(row=pl.col("row") + offset))
+        offsets[unit.source] = offset + pl.scan_parquet(path).select(pl.len()).collect().item()
     return pl.concat(parts)
 
 
 def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[StageOutput]) -> StageOutput:
     """Curation's global step over the finished unit folders: exact and near dedup across every source
-    and shard plus the held-out split (``curate_dedup/``), then mixing and the report (``curate/``).
+    and shard plus the held-out split (``curate_dedup/``: one row of marks per input row), then mixing,
+    the report and the output files (``curate/``).
 
     ``units`` are ``run_curate_unit``'s results for ``plan.units``, in plan order, from any runner: the
-    output bytes are the same.
+    output bytes are the same. Memory: the dedup reads only the normalized text and the marks of each
+    row; the outputs attach the conversations to the kept keys afterwards, so the whole corpus is
+    never in memory in every form at once.
     """
     if is_complete(plan.out):
         return StageOutput(plan.out, reused=True)
@@ -279,26 +294,28 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
         "dedup_reused": is_complete(plan.dedup),
     }
     if not cache["dedup_reused"]:
-        if not plan.units:
-            raise ValueError(f"{plan.dedup} was complete when curation was planned and is gone now; plan again (plan_curate)")
-        curated, near_info = dedup_and_split(_read_units(plan), cfg.curate, cfg.seed)
+        slim = _unit_rows(plan, ["source", "row", "drop_reason", "decontam_match", "n_chars", "norm_text"]).collect()
+        marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed)
+        del slim
         with atomic_dir(plan.dedup) as tmp:
-            curated.write_parquet(tmp / "curated.parquet")
+            marks.select(MARK_COLUMNS).write_parquet(tmp / "marks.parquet")
             write_json_atomic(tmp / "near_dedup.json", near_info)
+        del marks
     out = plan.out
-    curated = pl.read_parquet(plan.dedup / "curated.parquet")
-    train, heldout, rejected, stats = finalize(curated, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
+    marks = pl.read_parquet(plan.dedup / "marks.parquet")
+    train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
     stats["cache"] = cache
+    content = _unit_rows(plan, ["source", "row", "raw", "messages"])
     with atomic_dir(out) as tmp:
         # Small row groups let preparation stream the splits batch by batch.
-        train.write_parquet(tmp / "train.parquet", row_group_size=ROW_GROUP)
-        heldout.write_parquet(tmp / "heldout.parquet", row_group_size=ROW_GROUP)
-        rejected.write_parquet(tmp / "rejected.parquet")
+        attach(train, content, CANONICAL_COLUMNS).sink_parquet(tmp / "train.parquet", row_group_size=ROW_GROUP)
+        attach(heldout, content, CANONICAL_COLUMNS).sink_parquet(tmp / "heldout.parquet", row_group_size=ROW_GROUP)
+        attach(rejected, content, REJECTED_COLUMNS).sink_parquet(tmp / "rejected.parquet")
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
         plots.overlaid_histograms(
             {
-                "read": curated["n_chars"].drop_nulls().to_list(),
-                "kept": curated.filter(pl.col("drop_reason").is_null())["n_chars"].to_list(),
+                "read": marks["n_chars"].drop_nulls().to_list(),
+                "kept": marks.filter(pl.col("drop_reason").is_null())["n_chars"].to_list(),
             },
             tmp / "lengths_before_after.png", "Conversation length before and after curation", "characters",
         )

@@ -284,3 +284,29 @@ def test_top_ngram_rule_in_numpy_matches_the_expression() -> None:
         expected = pl.DataFrame({"t": s}).select(_top_ngram_rule(pl.col("t"), qq).fill_null(False)).to_series()
         assert top_ngram_exceeds(s, qq).to_list() == expected.to_list()
         assert 0 < sum(expected) < len(s)
+
+
+def test_stage_files_equal_the_in_memory_curation(tmp_path: Path) -> None:
+    # The stage attaches the conversations to the kept keys after dedup (so it never holds the corpus in
+    # every form at once); its files must hold exactly what the in-memory curation returns, in the same
+    # order, repeats from upsampling included.
+    from polars.testing import assert_frame_equal
+
+    from sft_engine import stages
+    from sft_engine.config import load_config
+
+    cfg = load_config(None, [
+        f"work_dir={tmp_path}", "curate.heldout_fraction=0.1",
+        "curate.sources=[{name: a, builtin: verifiable_tasks, limit: 300, weight: 1.5}, {name: b, builtin: chitchat, limit: 100}]",
+    ])
+    out = stages.run_curate(cfg)
+    train, heldout, rejected, stats = curate(cfg.curate, cfg.seed)
+    assert train.height == round(1.5 * stats["per_source"]["a"]["kept_train"]) + stats["per_source"]["b"]["kept_train"]
+    assert heldout.height > 0 and rejected.height > 0
+    assert_frame_equal(pl.read_parquet(out.path / "train.parquet"), train)
+    assert_frame_equal(pl.read_parquet(out.path / "heldout.parquet"), heldout)
+    assert_frame_equal(pl.read_parquet(out.path / "rejected.parquet"), rejected)
+    saved = json.loads((out.path / "stats.json").read_text())
+    assert {k: saved[k] for k in ("rows_in", "dropped_by_reason", "per_source", "mix")} == {
+        k: stats[k] for k in ("rows_in", "dropped_by_reason", "per_source", "mix")
+    }
