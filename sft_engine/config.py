@@ -84,6 +84,27 @@ class QualityConfig(_Strict):
         default_factory=lambda: [r"\bas an ai (language )?model\b", r"\bi('m| am) (sorry|unable)[^.]*\b(can('|no)t|unable to) (help|assist|provide)"],
         description="Regexes (case-insensitive) for refusals/boilerplate in assistant turns; [] = off.",
     )
+    languages: list[str] | None = Field(
+        default=None,
+        description="Keep only conversations detected (py3langid, first 2,000 characters of all turns) as one of these "
+        "ISO 639-1 codes, e.g. [en, de]; other rows drop as quality_language. None = off.",
+    )
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        from sft_engine.langid import known_languages
+
+        known = known_languages()
+        bad = [x for x in v if x not in known]
+        if bad or not v:
+            raise ValueError(
+                f"quality.languages: {bad or 'an empty list'} is not a list of codes py3langid knows; "
+                f"use ISO 639-1 codes such as {sorted(known)[:12]}... or null to turn the filter off"
+            )
+        return v
 
 
 class NearDedupConfig(_Strict):

@@ -27,6 +27,7 @@ from sft_engine.config import CurateConfig, QualityConfig, SourceConfig
 from sft_engine.constants import ROLES
 from sft_engine.decontam import find_contamination
 from sft_engine.demo_data import builtin_rows
+from sft_engine.langid import detect_languages
 from sft_engine.near_dedup import near_duplicates, word_hashes
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String, "train": pl.Boolean})
@@ -358,11 +359,14 @@ def top_ngram_exceeds(text: pl.Series, q: QualityConfig) -> pl.Series:
     return pl.Series(out)
 
 
-def quality_reason(q: QualityConfig, text: pl.Expr | None = None, top_ngram: pl.Expr | None = None) -> pl.Expr:
+def quality_reason(
+    q: QualityConfig, text: pl.Expr | None = None, top_ngram: pl.Expr | None = None, language: pl.Expr | None = None
+) -> pl.Expr:
     """First failing quality rule on the assistant turns as ``quality_<rule>``, else null (thresholds None = off).
 
-    ``text`` (the assistant turns joined, ``_assistant_text()``) and ``top_ngram`` (the top n-gram rule's
-    outcome, ``top_ngram_exceeds``) may be columns computed beforehand; by default both are expressions here.
+    ``text`` (the assistant turns joined, ``_assistant_text()``), ``top_ngram`` (the top n-gram rule's
+    outcome, ``top_ngram_exceeds``) and ``language`` (each conversation's detected language,
+    ``detect_languages``) may be columns computed beforehand; by default they are expressions here.
     """
     text = _assistant_text() if text is None else text
     rules: list[tuple[pl.Expr, str]] = []
@@ -385,6 +389,10 @@ def quality_reason(q: QualityConfig, text: pl.Expr | None = None, top_ngram: pl.
         rules.append(((lines.list.len() > 1) & (dup > q.max_duplicate_line_fraction), "quality_duplicate_lines"))
     if q.max_top_ngram_fraction is not None:
         rules.append((_top_ngram_rule(text, q) if top_ngram is None else top_ngram, "quality_top_ngram"))
+    if q.languages is not None:
+        if language is None:
+            language = _contents().list.join("\n").map_batches(detect_languages, return_dtype=pl.String)
+        rules.append((~language.is_in(q.languages), "quality_language"))
     if not rules:
         return pl.lit(None, dtype=pl.String)
     expr: Any = pl
@@ -438,11 +446,17 @@ def check_rows(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
     if q.max_top_ngram_fraction is not None:
         checked = checked.with_columns(_q_top=top_ngram_exceeds(checked["_q_text"], q))
         top = pl.col("_q_top")
-    reason = quality_reason(q, pl.col("_q_text"), top)
+    language = None
+    if q.languages is not None:
+        # Detection is per row in Python: only rows still alive are classified.
+        alive = checked.select(pl.when(pl.col("drop_reason").is_null()).then(_contents().list.join("\n"))).to_series()
+        checked = checked.with_columns(_q_lang=detect_languages(alive))
+        language = pl.col("_q_lang")
+    reason = quality_reason(q, pl.col("_q_text"), top, language)
     out = (
         checked.lazy()
         .with_columns(drop_reason=pl.when(pl.col("drop_reason").is_null()).then(reason).otherwise(pl.col("drop_reason")))
-        .drop("_q_text", "_q_top", strict=False)
+        .drop("_q_text", "_q_top", "_q_lang", strict=False)
         .collect()
     )
     matches = find_contamination(out.select(_contents().list.join("\n").fill_null("")).to_series(), cfg.decontaminate)

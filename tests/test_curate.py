@@ -219,6 +219,30 @@ def test_quality_thresholds_set_to_none_are_off(tmp_path: Path) -> None:
     assert train.height == 1
 
 
+def test_language_filter_keeps_the_listed_languages(tmp_path: Path) -> None:
+    convs = [
+        ("What is the capital of France?", "The capital of France is Paris, a city on the river Seine."),
+        ("Wie spät ist es in Berlin?", "In Berlin ist es jetzt drei Uhr nachmittags, und die Sonne scheint."),
+        ("Quelle est la couleur du ciel?", "Le ciel est bleu pendant la journée et noir pendant la nuit."),
+        ("¿Dónde está la estación de tren?", "La estación de tren está al final de esta calle, a la izquierda."),
+    ]
+    src = _write_jsonl(tmp_path / "l.jsonl", [json.dumps({"messages": _msgs(("user", u), ("assistant", a))}).encode() for u, a in convs])
+    cfg = CurateConfig(sources=[{"name": "l", "path": str(src)}], heldout_fraction=0.0, quality={"languages": ["en", "de"]})
+    train, _, rejected, stats = curate(cfg)
+    assert sorted(train["row"].to_list()) == [1, 2]
+    assert rejected.select("row", "drop_reason").rows() == [(3, "quality_language"), (4, "quality_language")]
+    assert stats["dropped_by_reason"] == {"quality_language": 2}
+    # Off by default: every row kept.
+    assert curate(CurateConfig(sources=[{"name": "l", "path": str(src)}], heldout_fraction=0.0))[0].height == 4
+
+
+def test_unknown_language_code_names_the_key_and_the_fix() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"quality.languages: \['english'\] is not a list of codes py3langid knows"):
+        CurateConfig(sources=[{"name": "l", "builtin": "chitchat"}], quality={"languages": ["english"]})
+
+
 def test_changing_one_weight_reuses_per_source_and_dedup_work(tmp_path: Path) -> None:
     from sft_engine import stages
     from sft_engine.config import load_config
