@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from sft_engine.constants import ROLES
 from sft_engine.decontam import find_contamination
 from sft_engine.demo_data import builtin_rows
 from sft_engine.langid import detect_languages
-from sft_engine.near_dedup import near_duplicates, word_hashes
+from sft_engine.near_dedup import resolve, sketch, with_lsh_figures, word_hashes
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String, "train": pl.Boolean})
 SCHEMA = {"source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "drop_reason": pl.String, "raw": pl.String}
@@ -406,21 +407,26 @@ def _mark(reason: pl.Expr) -> pl.Expr:
     return pl.coalesce(pl.col("drop_reason"), reason)
 
 
-def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int) -> tuple[pl.LazyFrame, dict[str, Any]]:
-    """Mark near-duplicates among surviving rows as ``dedup_near``, with ``dup_of`` = 'source:row' of the kept row."""
-    alive = df.filter(pl.col("drop_reason").is_null())
+def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int, texts_of: Callable[[np.ndarray], pl.Series]) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Mark near-duplicates among surviving rows as ``dedup_near``, with ``dup_of`` = 'source:row' of the kept row.
+
+    Works from the band keys ``check_rows`` stored; ``texts_of(positions)`` gives the folded text of rows
+    (positions in ``df``) and is asked only for rows in a candidate pair.
+    """
     nd = cfg.near_dedup
-    res = near_duplicates(alive["norm_text"], nd.threshold, nd.ngram, nd.num_perm, nd.bands, seed)
+    alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
+    keys = df["_bands"].gather(alive).to_numpy().reshape(len(alive), nd.bands)
+    has = df["_has_shingles"].gather(alive).to_numpy()
+    res = with_lsh_figures(resolve(keys, has, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, seed), nd.threshold, nd.num_perm, nd.bands)
     head = res.duplicate_of
-    label = (alive["source"] + ":" + alive["row"].cast(pl.String)).to_numpy()
-    marks = pl.DataFrame({
-        "_order": alive["_order"].filter(pl.Series(head >= 0)),
-        "_near_of": label[head[head >= 0]] if (head >= 0).any() else np.array([], dtype=str),
-    }, schema={"_order": df.schema["_order"], "_near_of": pl.String})
-    out = df.join(marks, on="_order", how="left").with_columns(
-        drop_reason=pl.when(pl.col("_near_of").is_not_null()).then(pl.lit("dedup_near")).otherwise(pl.col("drop_reason")),
-        dup_of=pl.coalesce(pl.col("_near_of"), pl.col("dup_of")),
-    ).drop("_near_of")
+    dup_pos, of_pos = alive[head >= 0], alive[head[head >= 0]]
+    labels = df.select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series().gather(of_pos)
+    if len(dup_pos):
+        near_of = pl.repeat(None, df.height, dtype=pl.String, eager=True).scatter(dup_pos, labels)
+        df = df.with_columns(_near_of=near_of).with_columns(
+            drop_reason=pl.when(pl.col("_near_of").is_not_null()).then(pl.lit("dedup_near")).otherwise(pl.col("drop_reason")),
+            dup_of=pl.coalesce(pl.col("_near_of"), pl.col("dup_of")),
+        ).drop("_near_of")
     info = {
         "candidates": res.candidates,
         "verified_pairs": res.verified,
@@ -430,11 +436,16 @@ def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int) -> tuple[pl.Lazy
         "threshold": nd.threshold,
         "cluster_sizes": res.cluster_sizes,
     }
-    return out.lazy(), info
+    return df, info
 
 
-def check_rows(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
-    """Row-local steps (validation, length and quality filters, decontamination) on one source; cacheable per source."""
+def check_rows(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.DataFrame:
+    """Row-local steps (validation, length and quality filters, decontamination) on one source; cacheable per source.
+
+    Also the row-local halves of the global steps, so those read a few bytes per row instead of the text:
+    ``_dedup_hash`` (blake2b-128 of the folded text), ``_split_bucket`` (the held-out split's content hash),
+    and, for rows still alive, the near-dedup band keys ``_bands`` and ``_has_shingles``.
+    """
     lf = df.lazy()
     lf = lf.with_columns(drop_reason=pl.when(pl.col("messages").is_null()).then(pl.col("drop_reason")).otherwise(_mark(validation_reason())))
     lf = with_text_columns(lf)
@@ -466,31 +477,55 @@ def check_rows(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
         out = out.with_columns(
             drop_reason=pl.when(pl.col("drop_reason").is_null() & pl.col("decontam_match").is_not_null()).then(reason).otherwise(pl.col("drop_reason"))
         )
-    return out
+    return with_dedup_keys(out, cfg, seed)
 
 
-def dedup_and_split(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, dict[str, Any]]:
+def with_dedup_keys(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.DataFrame:
+    """Add the per-row inputs of the global dedup and split (see ``check_rows``)."""
+    digests = [None if t is None else hashlib.blake2b(t.encode(), digest_size=16).digest() for t in df["norm_text"].to_list()]
+    df = df.with_columns(
+        _dedup_hash=pl.Series(digests, dtype=pl.Binary),
+        # Polars' seeded hash, as before the split moved here: the same rows stay held out.
+        _split_bucket=(pl.col("norm_text").hash(seed=seed) % 10_000).cast(pl.UInt16),
+    )
+    nd = cfg.near_dedup
+    if not nd.enabled:
+        return df
+    alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
+    keys, has = sketch(df["norm_text"].gather(alive), nd.ngram, nd.num_perm, nd.bands, seed)
+    bands = np.zeros((df.height, nd.bands), dtype=np.uint64)
+    bands[alive] = keys
+    has_all = np.zeros(df.height, dtype=bool)
+    has_all[alive] = has
+    return df.with_columns(_bands=pl.Series(bands, dtype=pl.Array(pl.UInt64, nd.bands)), _has_shingles=pl.Series(has_all))
+
+
+def dedup_and_split(
+    df: pl.DataFrame, cfg: CurateConfig, seed: int = 0, texts_of: Callable[[np.ndarray], pl.Series] | None = None
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Global steps over all checked sources: exact and near dedup, then the held-out split.
 
-    Returns every input row with ``drop_reason`` (null = kept), ``dup_of`` and ``split``
+    ``df`` needs the marks and ``check_rows``' dedup keys, not the text: ``texts_of(positions)`` supplies
+    the folded text of the few rows near-dedup verifies (default: ``df['norm_text']``).
+    Returns every input row, in order, with ``drop_reason`` (null = kept), ``dup_of`` and ``split``
     ('train'/'heldout'), plus the near-dedup report.
     """
-    lf = df.lazy().with_row_index("_order")
+    if texts_of is None:
+        texts_of = df["norm_text"].gather
+    df = df.with_row_index("_order")
     if cfg.dedup:
         alive = pl.col("drop_reason").is_null()
         # Rank duplicates among surviving rows only, in a stable (source, row) order, so the first copy wins.
-        first = pl.col("_order") == pl.col("_order").filter(alive).min().over("norm_text")
-        lf = lf.with_columns(drop_reason=pl.when(alive & ~first).then(pl.lit("dedup_exact")).otherwise(pl.col("drop_reason")))
-    lf = lf.with_columns(dup_of=pl.lit(None, dtype=pl.String))
+        first = pl.col("_order") == pl.col("_order").filter(alive).min().over("_dedup_hash")
+        df = df.with_columns(drop_reason=pl.when(alive & ~first).then(pl.lit("dedup_exact")).otherwise(pl.col("drop_reason")))
+    df = df.with_columns(dup_of=pl.lit(None, dtype=pl.String))
     near_info: dict[str, Any] = {}
     if cfg.near_dedup.enabled:
-        lf, near_info = _near_dedup(lf.collect(), cfg, seed)
+        df, near_info = _near_dedup(df, cfg, seed, texts_of)
     threshold = int(cfg.heldout_fraction * 10_000)
     # Split by content hash, seeded: fixed whatever the mix, so held-out items never move into training.
-    lf = lf.with_columns(
-        split=pl.when((pl.col("norm_text").hash(seed=seed) % 10_000) < threshold).then(pl.lit("heldout")).otherwise(pl.lit("train"))
-    )
-    return lf.sort("_order").drop("_order").collect(), near_info
+    df = df.with_columns(split=pl.when(pl.col("_split_bucket") < threshold).then(pl.lit("heldout")).otherwise(pl.lit("train")))
+    return df.drop("_order"), near_info
 
 
 def mix_train(kept: pl.DataFrame, sources: list[SourceConfig], seed: int) -> pl.DataFrame:
@@ -608,6 +643,6 @@ def finalize(
 
 def curate(cfg: CurateConfig, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """Run curation end to end in memory. Returns (train, heldout, rejected, stats)."""
-    checked = pl.concat([check_rows(read_source(s, seed, cfg.max_row_bytes), cfg) for s in cfg.sources])
+    checked = pl.concat([check_rows(read_source(s, seed, cfg.max_row_bytes), cfg, seed) for s in cfg.sources])
     curated, near_info = dedup_and_split(checked, cfg, seed)
     return finalize(curated, near_info, cfg, seed)

@@ -28,6 +28,7 @@ Everything runs vectorized over whole blocks of documents (no per-document Pytho
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -362,26 +363,19 @@ def _sketch_block(texts: pl.Series, ngram: int, num_perm: int, bands: int, seed:
     return band_keys(sig, bands), np.diff(offsets) > 0
 
 
-def near_duplicates(
-    texts: pl.Series,
-    threshold: float = 0.8,
-    ngram: int = 5,
-    num_perm: int = 128,
-    bands: int = 16,
-    seed: int = 0,
-    block_docs: int = 8192,
-    workers: int = 1,
-) -> NearDupResult:
-    """Find near-duplicates among ``texts`` (Jaccard of word n-gram sets >= ``threshold``).
+def sketch(
+    texts: pl.Series, ngram: int = 5, num_perm: int = 128, bands: int = 16, seed: int = 0, block_docs: int = 8192, workers: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Band keys (n x ``bands``, uint64) of each text, and whether it has any shingle.
 
-    Documents are sketched in blocks of ``block_docs``, on ``workers`` threads if more than one; the
-    result does not depend on either. One thread is the default: on the shared 2-core machines this was
-    measured on, a second thread gave no speed-up (see docs/benchmarks.md).
+    Row-local, so curation computes it per shard and its global step holds only these keys. Documents
+    are sketched in blocks of ``block_docs``, on ``workers`` threads if more than one; the result does
+    not depend on either. One thread is the default: on the shared 2-core machines this was measured
+    on, a second thread gave no speed-up (see docs/benchmarks.md).
     """
     n = len(texts)
     if num_perm % bands:
         raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
-    rows = num_perm // bands
     keys = np.zeros((n, bands), dtype=np.uint64)
     has = np.zeros(n, dtype=bool)
     spans = [(a, min(a + block_docs, n)) for a in range(0, n, block_docs)]
@@ -397,6 +391,25 @@ def near_duplicates(
     else:
         for a, b in spans:
             keys[a:b], has[a:b] = run((a, b))
+    return keys, has
+
+
+def resolve(
+    keys: np.ndarray,
+    has: np.ndarray,
+    texts_of: Callable[[np.ndarray], pl.Series],
+    threshold: float = 0.8,
+    ngram: int = 5,
+    seed: int = 0,
+    block_docs: int = 8192,
+) -> NearDupResult:
+    """Candidates from shared band keys, verified by exact Jaccard, resolved into clusters.
+
+    ``texts_of(indices)`` returns the texts of those documents (in that order); it is called for the
+    documents of candidate pairs only, so the caller never needs every text in memory.
+    """
+    n, bands = keys.shape
+    keys = keys.copy()
     # Documents without shingles (empty text) match nothing.
     keys[~has] = _mix(np.arange(n, dtype=np.uint64)[~has, None] * np.uint64(bands) + np.arange(bands, dtype=np.uint64)[None, :])
     pairs = candidates_from_keys(keys)
@@ -404,7 +417,7 @@ def near_duplicates(
     if len(pairs):
         # Exact verification: shingles again, for the documents in a candidate pair only.
         docs, local = np.unique(pairs, return_inverse=True)
-        parts = [shingle_hashes(texts.gather(docs[a : a + block_docs]), ngram, seed) for a in range(0, len(docs), block_docs)]
+        parts = [shingle_hashes(texts_of(docs[a : a + block_docs]), ngram, seed) for a in range(0, len(docs), block_docs)]
         shingles = np.concatenate([sh for sh, _ in parts])
         sizes = np.concatenate([np.diff(off) for _, off in parts])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -414,6 +427,28 @@ def near_duplicates(
     edges = pairs[sims >= threshold]
     root = _clusters(n, edges)
     dup = np.where(root != np.arange(n), root, -1)
-    return NearDupResult(
-        dup, len(pairs), len(edges), float((1 / bands) ** (1 / rows)), lsh_recall(threshold, bands, rows)
-    )
+    return NearDupResult(dup, len(pairs), len(edges), float("nan"))
+
+
+def near_duplicates(
+    texts: pl.Series,
+    threshold: float = 0.8,
+    ngram: int = 5,
+    num_perm: int = 128,
+    bands: int = 16,
+    seed: int = 0,
+    block_docs: int = 8192,
+    workers: int = 1,
+) -> NearDupResult:
+    """Find near-duplicates among ``texts`` (Jaccard of word n-gram sets >= ``threshold``): ``sketch``, then ``resolve``."""
+    keys, has = sketch(texts, ngram, num_perm, bands, seed, block_docs, workers)
+    res = resolve(keys, has, texts.gather, threshold, ngram, seed, block_docs)
+    return with_lsh_figures(res, threshold, num_perm, bands)
+
+
+def with_lsh_figures(res: NearDupResult, threshold: float, num_perm: int, bands: int) -> NearDupResult:
+    """``res`` with the LSH S-curve midpoint and the candidate probability at ``threshold`` filled in."""
+    rows = num_perm // bands
+    res.lsh_threshold = float((1 / bands) ** (1 / rows))
+    res.recall_at_threshold = lsh_recall(threshold, bands, rows)
+    return res

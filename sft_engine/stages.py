@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from sft_engine import __version__, plots
 from sft_engine.config import PipelineConfig, SourceConfig, config_to_dict
 from sft_engine.curate import (
     CANONICAL_COLUMNS,
+    KEY,
     MARK_COLUMNS,
     REJECTED_COLUMNS,
     attach,
@@ -97,6 +99,10 @@ def _row_checks(cfg: PipelineConfig) -> dict[str, Any]:
     """The row-local check settings, with the contents of the eval sets they check against."""
     checks = {k: v for k, v in config_to_dict(cfg.curate).items() if k in _ROW_KEYS}
     checks["eval_sets_identity"] = _eval_sets_identity(cfg)
+    # Units also store the near-dedup band keys (and, from format 2 on, the dedup and split hashes).
+    nd = cfg.curate.near_dedup
+    checks["sketch"] = [nd.ngram, nd.num_perm, nd.bands] if nd.enabled else None
+    checks["unit_format"] = 2
     return checks
 
 
@@ -250,7 +256,7 @@ def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
         # and across the whole source by the global step.
         parts = [read_source(source.model_copy(update={"path": glob.escape(f)}), cfg.seed, cfg.curate.max_row_bytes) for f in unit.files]
         rows = pl.concat(parts).with_columns(row=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
-    checked = check_rows(rows, cfg.curate)
+    checked = check_rows(rows, cfg.curate, cfg.seed)
     with atomic_dir(unit.folder) as tmp:
         checked.write_parquet(tmp / "rows.parquet")
     return StageOutput(unit.folder, reused=False)
@@ -294,11 +300,20 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
         "dedup_reused": is_complete(plan.dedup),
     }
     if not cache["dedup_reused"]:
-        slim = _unit_rows(plan, ["source", "row", "drop_reason", "decontam_match", "n_chars", "norm_text"]).collect()
-        marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed)
+        keys = ["_dedup_hash", "_split_bucket"] + (["_bands", "_has_shingles"] if cfg.curate.near_dedup.enabled else [])
+        slim = _unit_rows(plan, ["source", "row", "drop_reason", "decontam_match", "n_chars", *keys]).collect()
+
+        def texts_of(positions: np.ndarray) -> pl.Series:
+            # Only rows in a near-dup candidate pair: their folded text, read back from the unit files.
+            want = slim.select(KEY).gather(positions).with_row_index("_want")
+            got = _unit_rows(plan, [*KEY, "norm_text"]).join(want.lazy(), on=KEY, how="inner").collect()
+            return got.sort("_want")["norm_text"]
+
+        marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed, texts_of)
+        marks = marks.select(MARK_COLUMNS)
         del slim
         with atomic_dir(plan.dedup) as tmp:
-            marks.select(MARK_COLUMNS).write_parquet(tmp / "marks.parquet")
+            marks.write_parquet(tmp / "marks.parquet")
             write_json_atomic(tmp / "near_dedup.json", near_info)
         del marks
     out = plan.out
