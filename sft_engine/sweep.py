@@ -160,6 +160,9 @@ def markdown(rows: list[dict[str, Any]], lead: list[dict[str, Any]]) -> str:
     for x in lead:
         if x["lead"] is None:
             lines.append(f"- {x['metric']}: {x['best']} (only variant scored)")
+        elif x["lead"] == 0:
+            tied = next(r[x["metric"]] for r in rows if r["variant"] == x["best"])
+            lines.append(f"- {x['metric']}: {x['best']} and {x['runner_up']} tie at {tied:.3f}: not ranked")
         else:
             verdict = "a lead beyond noise" if x["significant"] else "within noise: not ranked"
             se = "n/a" if x["lead_stderr"] is None else f"{x['lead_stderr']:.3f}"

@@ -63,6 +63,9 @@ def test_comparison_marks_leads_within_noise() -> None:
     md = markdown(rows, leaders(rows))
     assert "| a | 50 | 50 | 1,000 | 0.500 ±0.050 | 1.500 ±0.010 |" in md
     assert "- tasks.exact_match: a leads b by 0.050 (stderr 0.071), within noise: not ranked" in md
+    # A tie is said as one, not as a lead of 0.
+    rows[2]["tasks.exact_match"] = 0.50
+    assert "- tasks.exact_match: a and b tie at 0.500: not ranked" in markdown(rows, leaders(rows))
 
 
 @pytest.mark.slow
