@@ -61,8 +61,11 @@ def init_distributed() -> tuple[int, int]:
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.distributed.is_initialized():
+        if os.environ["WORLD_SIZE"] == "1" or "MASTER_PORT" not in os.environ:
+            # One rank has no peer to agree on a port with, so it always takes a fresh one: an inherited
+            # MASTER_PORT (a Dask worker inherits its parent's environment) may be held by the parent's store.
+            os.environ["MASTER_PORT"] = str(_free_port())
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -105,8 +105,9 @@ def test_sweep_end_to_end_then_rerun_with_one_more_variant(prefect_server, tiny_
     csv_head = (Path(result["output_dir"]) / "comparison.csv").read_text().splitlines()[0].split(",")
     assert csv_head[:4] == ["variant", "share.chat", "share.tasks", "tokens"] and "heldout.loss_stderr" in csv_head
 
-    # One more variant, run two at a time: every earlier variant is reused, only the new one trains.
-    more = load_config(None, [*common, "sweep.max_concurrent=2",
+    # One more variant, two at a time on a local 2-worker Dask cluster: every earlier variant is reused,
+    # only the new one trains (in a Dask worker process).
+    more = load_config(None, [*common, "sweep.max_concurrent=2", "sweep.runner=dask",
                               ("sweep.variants=[{name: more_tasks, overrides: [curate.sources.0.weight=2]}, "
                                "{name: more_chat, overrides: [curate.sources.1.weight=3]}, {name: lr_low, overrides: [train.lr=1e-3]}]")])
     again = sft_sweep(config=config_to_dict(more))
