@@ -208,7 +208,7 @@ def _render_each(tokenizer: PreTrainedTokenizerBase, convs: list[list[dict[str, 
     for conv in convs:
         try:
             out.append(compiled.render(messages=conv, add_generation_prompt=False, **special))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a template's raise_exception or any Jinja error: re-rendered one by one below
             out.append(None)
     return out
 
@@ -235,7 +235,7 @@ def render_batch(
                 (text,), _ = _render(tokenizer, [plain])
             except TemplateError:
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001 - whatever the template raises for this row quarantines the row, not the run
                 out.append("mask_template_rejected")
                 continue
         if strategy is MaskStrategy.EVERYTHING:

@@ -27,7 +27,7 @@ KEPT = {"truncated.jsonl": 1, "non_utf8.jsonl": 1, "wrong_types.jsonl": 1, "miss
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_bad_file_is_quarantined_with_reasons_and_balances(name: str) -> None:
     cfg = CurateConfig(sources=[{"name": "bad", "path": str(BAD / name)}], heldout_fraction=0.0, min_chars=None, near_dedup={"enabled": False})
-    train, _, rejected, stats = curate(cfg)
+    train, _, _, stats = curate(cfg)
     assert stats["dropped_by_reason"] == EXPECTED[name]
     assert stats["rows_kept"] == KEPT[name] == train.height
     assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped_by_reason"].values())
