@@ -169,22 +169,25 @@ def servers_up(
         "host": host, "ports": {n: ep.port for n, ep in wanted.items()}, "urls": {n: ep.url for n, ep in wanted.items()},
         "prefect_db": "postgresql" if prefect_db else "sqlite",
     }, indent=2))
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     for name, ep in wanted.items():
         with open(folder / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
+            procs[name] = subprocess.Popen(
                 _command(ep, folder), env=_env(ep, folder, prefect_db), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=folder,
             )
-        (folder / f"{name}.pid").write_text(f"{proc.pid}\n")
+        (folder / f"{name}.pid").write_text(f"{procs[name].pid}\n")
     deadline = time.monotonic() + timeout
     pending = dict(wanted)
     while pending and time.monotonic() < deadline:
         for name, ep in list(pending.items()):
             if is_healthy(ep):
                 del pending[name]
-            elif not _pid_alive(_read_pid(folder, name) or -1, name):
+            # Our own child: its exit status, not /proc (a busy machine once made a live server look gone).
+            elif (code := procs[name].poll()) is not None:
                 servers_down(folder)
-                raise RuntimeError(f"{name} server exited during start-up; {folder / f'{name}.log'} ends:\n{_log_tail(folder / f'{name}.log')}")
+                raise RuntimeError(f"{name} server exited with status {code} during start-up; "
+                                   f"{folder / f'{name}.log'} ends:\n{_log_tail(folder / f'{name}.log')}")
         time.sleep(0.5)
     if pending:
         servers_down(folder)
