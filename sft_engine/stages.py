@@ -205,7 +205,7 @@ class CuratePlan:
     """Curation's output folders, and the row-local units its global step still needs."""
 
     out: Path  # curate/<key>: the mixed splits
-    dedup: Path  # curate_dedup/<key>: every row after global dedup + split
+    dedup: Path  # curate_dedup/<key>: the marks of every row after global dedup + split (marks.parquet)
     units: tuple[CurateUnit, ...]  # empty when ``out`` is already complete
 
 
