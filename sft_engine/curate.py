@@ -29,7 +29,7 @@ from sft_engine.constants import ROLES
 from sft_engine.decontam import find_contamination
 from sft_engine.demo_data import builtin_rows
 from sft_engine.langid import detect_languages
-from sft_engine.near_dedup import resolve, sketch, with_lsh_figures, word_hashes
+from sft_engine.near_dedup import resolve, sketch, word_hashes
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String, "train": pl.Boolean})
 SCHEMA = {"source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "drop_reason": pl.String, "raw": pl.String}
@@ -417,10 +417,10 @@ def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int, texts_of: Callab
     alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
     keys = df["_bands"].gather(alive).to_numpy().reshape(len(alive), nd.bands)
     has = df["_has_shingles"].gather(alive).to_numpy()
-    res = with_lsh_figures(resolve(keys, has, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, seed), nd.threshold, nd.num_perm, nd.bands)
+    res = resolve(keys, has, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, nd.num_perm, seed)
     head = res.duplicate_of
     dup_pos, of_pos = alive[head >= 0], alive[head[head >= 0]]
-    labels = df.select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series().gather(of_pos)
+    labels = df.select(KEY).gather(of_pos).select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series()
     if len(dup_pos):
         near_of = pl.repeat(None, df.height, dtype=pl.String, eager=True).scatter(dup_pos, labels)
         df = df.with_columns(_near_of=near_of).with_columns(

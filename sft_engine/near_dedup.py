@@ -400,15 +400,17 @@ def resolve(
     texts_of: Callable[[np.ndarray], pl.Series],
     threshold: float = 0.8,
     ngram: int = 5,
+    num_perm: int = 128,
     seed: int = 0,
     block_docs: int = 8192,
 ) -> NearDupResult:
     """Candidates from shared band keys, verified by exact Jaccard, resolved into clusters.
 
-    ``texts_of(indices)`` returns the texts of those documents (in that order); it is called for the
-    documents of candidate pairs only, so the caller never needs every text in memory.
+    ``texts_of(indices)`` returns the texts of those documents (in that order); it is called once, for
+    the documents of candidate pairs only, so the caller never needs every text in memory.
     """
     n, bands = keys.shape
+    rows = num_perm // bands
     keys = keys.copy()
     # Documents without shingles (empty text) match nothing.
     keys[~has] = _mix(np.arange(n, dtype=np.uint64)[~has, None] * np.uint64(bands) + np.arange(bands, dtype=np.uint64)[None, :])
@@ -417,7 +419,8 @@ def resolve(
     if len(pairs):
         # Exact verification: shingles again, for the documents in a candidate pair only.
         docs, local = np.unique(pairs, return_inverse=True)
-        parts = [shingle_hashes(texts_of(docs[a : a + block_docs]), ngram, seed) for a in range(0, len(docs), block_docs)]
+        texts = texts_of(docs)
+        parts = [shingle_hashes(texts.slice(a, block_docs), ngram, seed) for a in range(0, len(docs), block_docs)]
         shingles = np.concatenate([sh for sh, _ in parts])
         sizes = np.concatenate([np.diff(off) for _, off in parts])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -427,7 +430,9 @@ def resolve(
     edges = pairs[sims >= threshold]
     root = _clusters(n, edges)
     dup = np.where(root != np.arange(n), root, -1)
-    return NearDupResult(dup, len(pairs), len(edges), float("nan"))
+    return NearDupResult(
+        dup, len(pairs), len(edges), float((1 / bands) ** (1 / rows)), lsh_recall(threshold, bands, rows)
+    )
 
 
 def near_duplicates(
@@ -442,13 +447,4 @@ def near_duplicates(
 ) -> NearDupResult:
     """Find near-duplicates among ``texts`` (Jaccard of word n-gram sets >= ``threshold``): ``sketch``, then ``resolve``."""
     keys, has = sketch(texts, ngram, num_perm, bands, seed, block_docs, workers)
-    res = resolve(keys, has, texts.gather, threshold, ngram, seed, block_docs)
-    return with_lsh_figures(res, threshold, num_perm, bands)
-
-
-def with_lsh_figures(res: NearDupResult, threshold: float, num_perm: int, bands: int) -> NearDupResult:
-    """``res`` with the LSH S-curve midpoint and the candidate probability at ``threshold`` filled in."""
-    rows = num_perm // bands
-    res.lsh_threshold = float((1 / bands) ** (1 / rows))
-    res.recall_at_threshold = lsh_recall(threshold, bands, rows)
-    return res
+    return resolve(keys, has, texts.gather, threshold, ngram, num_perm, seed, block_docs)

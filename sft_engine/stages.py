@@ -282,12 +282,14 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
     the report and the output files (``curate/``).
 
     ``units`` are ``run_curate_unit``'s results for ``plan.units``, in plan order, from any runner: the
-    output bytes are the same. Memory: the dedup reads only the normalized text and the marks of each
-    row; the outputs attach the conversations to the kept keys afterwards, so the whole corpus is
-    never in memory in every form at once.
+    output bytes are the same. Memory: the dedup reads only the marks and the dedup keys ``check_rows``
+    stored (hashes, band keys), plus the folded text of near-dup candidates; the outputs attach the
+    conversations to the kept keys afterwards, so the corpus is never in memory at once.
     """
     if is_complete(plan.out):
         return StageOutput(plan.out, reused=True)
+    if not plan.units:
+        raise ValueError(f"{plan.out} was complete when curation was planned and is gone now; plan again (plan_curate)")
     got = [u.path for u in units]
     if got != [u.folder for u in plan.units] or not all(is_complete(p) for p in got):
         raise ValueError(
