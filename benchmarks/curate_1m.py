@@ -1,7 +1,7 @@
 """Curation at scale: N synthetic conversations (default 1,000,000, ~500 tokens each) curated end to end.
 
 Generates sharded sources once (kept in --data and reused), then runs the real curation stage
-(``sft_engine.stages.run_curate`` with a config, as the pipeline does) in a fresh subprocess on an empty
+(``sft_engine.curation.stage.run_curate`` with a config, as the pipeline does) in a fresh subprocess on an empty
 work dir and reports wall time and peak memory.
 
 The data (deterministic for a given --n and --seed):
@@ -216,8 +216,8 @@ def _count_tokens(folder: Path, rows: int = 2000) -> float | None:
 
 def curate_side(args: argparse.Namespace) -> None:
     """In a fresh process: run the curation stage on the generated shards and print its result."""
-    from sft_engine import stages
     from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
 
     data = Path(args.data)
     overrides = [
@@ -234,10 +234,10 @@ def curate_side(args: argparse.Namespace) -> None:
         import pstats
 
         prof = cProfile.Profile()
-        out = prof.runcall(stages.run_curate, cfg)
+        out = prof.runcall(curation.run_curate, cfg)
         pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
     else:
-        out = stages.run_curate(cfg)
+        out = curation.run_curate(cfg)
     seconds = time.perf_counter() - t
     stats = json.loads((out.path / "stats.json").read_text())
     print("RESULT " + json.dumps({"seconds": seconds, "stats": {k: stats[k] for k in ("rows_in", "rows_kept", "dropped_by_reason",

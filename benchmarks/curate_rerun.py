@@ -10,8 +10,8 @@ import json
 import shutil
 import time
 
-from sft_engine import stages
 from sft_engine.config import load_config
+from sft_engine.curation import stage as curation
 
 
 def main() -> None:
@@ -22,10 +22,10 @@ def main() -> None:
     shutil.rmtree(a.work, ignore_errors=True)
     base = [f"work_dir={a.work}", f"curate.sources=[{{name: chat, builtin: chitchat}}, {{name: tasks, builtin: verifiable_tasks, limit: {a.tasks}}}]"]
     t = time.perf_counter()
-    first = stages.run_curate(load_config(None, base))
+    first = curation.run_curate(load_config(None, base))
     t_first = time.perf_counter() - t
     t = time.perf_counter()
-    again = stages.run_curate(load_config(None, [*base, "curate.sources.1.weight=0.5"]))
+    again = curation.run_curate(load_config(None, [*base, "curate.sources.1.weight=0.5"]))
     t_again = time.perf_counter() - t
     s1 = json.loads((first.path / "stats.json").read_text())
     s2 = json.loads((again.path / "stats.json").read_text())

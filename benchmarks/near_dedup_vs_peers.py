@@ -1,4 +1,4 @@
-"""MinHash near-dedup, side by side: ours (sft_engine.near_dedup) vs datasketch, rensa and datatrove.
+"""MinHash near-dedup, side by side: ours (sft_engine.curation.near_dedup) vs datasketch, rensa and datatrove.
 
 One invocation, the SAME synthetic corpus for every method:
 
@@ -246,7 +246,7 @@ def build(args: argparse.Namespace) -> None:
     np.maximum.at(best, pairs[:, 1], sims)
 
     # cross-check with our exact_jaccard (our tokenizer + 64-bit shingle hashes) on the same pairs
-    from sft_engine.near_dedup import exact_jaccard, shingle_hashes
+    from sft_engine.curation.near_dedup import exact_jaccard, shingle_hashes
 
     sh, off = shingle_hashes(pl.Series(texts), NGRAM)
     ours_sims = exact_jaccard(sh, off, pairs)
@@ -275,7 +275,7 @@ def run_ours(folder: Path, args: argparse.Namespace, workers: int = 1, name: str
     import numpy as np
     import polars as pl
 
-    from sft_engine.near_dedup import near_duplicates
+    from sft_engine.curation.near_dedup import near_duplicates
 
     texts = pl.read_parquet(folder / "docs.parquet")["text"]
     t, cpu = time.perf_counter(), time.process_time()

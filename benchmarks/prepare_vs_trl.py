@@ -30,11 +30,12 @@ def build_data(n: int, folder: Path) -> None:
     import polars as pl
     from datasets import Dataset, disable_progress_bars
 
-    from sft_engine.curate import MESSAGE, normalize_row
+    from sft_engine.curation.formats import normalize_row
+    from sft_engine.curation.schema import MESSAGE
     from sft_engine.demo_data import chitchat_rows, verifiable_task_rows
 
     convs = [r["messages"] for r in chitchat_rows()][:n]
-    tasks = [normalize_row(r)[0] for r in verifiable_task_rows(3 * n, seed=1)]
+    tasks = [normalize_row(r)["messages"] for r in verifiable_task_rows(3 * n, seed=1)]
     i = 0
     while len(convs) < n:
         convs.append(tasks[i] + tasks[i + 1] + tasks[i + 2])

@@ -170,10 +170,11 @@ def build_data(model: str, seq_len: int, work: Path) -> tuple[Path, Path, dict]:
     """Curate + prepare the demo data with our pipeline; returns (model_dir, train.arrow, manifest)."""
     from sft_engine import stages
     from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
     from sft_engine.model import resolve_model
 
     cfg = load_config(ROOT / "conf" / "demo.yaml", [f"work_dir={work}", f"model={model}", f"prepare.max_seq_len={seq_len}"])
-    curated = stages.run_curate(cfg).path
+    curated = curation.run_curate(cfg).path
     prepared = stages.run_prepare(cfg, curated).path
     return resolve_model(cfg.model), prepared / "train.arrow", json.loads((prepared / "manifest.json").read_text())
 

@@ -96,8 +96,8 @@ def preview_mask(cfg: PipelineConfig, row: int) -> None:
     from rich.text import Text
 
     from sft_engine.chat import mask_preview
+    from sft_engine.curation.stage import run_curate
     from sft_engine.model import load_tokenizer, resolve_model
-    from sft_engine.stages import run_curate
 
     curated = pl.read_parquet(run_curate(cfg).path / "train.parquet")
     if not 0 <= row < curated.height:
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
     if args.command == "train" and args.dry_run:
-        from sft_engine.stages import run_curate, run_prepare, train_job
+        from sft_engine.curation.stage import run_curate
+        from sft_engine.stages import run_prepare, train_job
 
         prepared = run_prepare(cfg, run_curate(cfg).path).path
         scratch = cfg.work_dir / "launch"

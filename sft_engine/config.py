@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sft_engine.curation.formats import COLUMN_FIELDS, FORMAT_NAMES
+
 # The evaluation sets the pipeline ships (sft_engine.evalsets reads them from installed packages).
 MultipleChoiceSet = Literal["mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
 BuiltinEvalSet = Literal["verifiable_tasks_eval", "ifbench", "mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
@@ -25,6 +27,68 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the fix."""
 
 
+# ---- cache keys, declared at the fields ---------------------------------------------------------
+# Every field of every config says which stage cache keys hash it (``keyed``), or why it cannot change any
+# output (``unkeyed``); a field holding sub-configs whose own fields say so is ``PER_FIELD``. The key functions
+# read these markers (``cache_view``), and tests/test_cache_keys.py fails on any field that says neither, so a
+# new field can never be missing from a key and silently reuse stale outputs.
+CACHE_LEVELS = (
+    "curate.rows",  # a source's (or shard's) row-local checks: curation's unit folders
+    "curate.dedup",  # the global dedup and split across sources: curate_dedup/
+    "curate.mix",  # the mixed splits and the report: curate/
+    "prepare",  # tokenized, masked, packed rows: prepare/
+    "train",  # the trained model: train/
+    "evaluate.score",  # one model's scores on every suite: evaluate_models/
+    "evaluate",  # the base-vs-tuned comparison: evaluate/
+)
+
+
+def keyed(*levels: str) -> dict[str, Any]:
+    """``json_schema_extra`` for a field that the cache keys of ``levels`` hash."""
+    assert levels and set(levels) <= set(CACHE_LEVELS), levels
+    return {"cache": list(levels)}
+
+
+def unkeyed(why: str) -> dict[str, Any]:
+    """``json_schema_extra`` for a field that changes no stage output, and why."""
+    return {"cache": [], "not_keyed_because": why}
+
+
+PER_FIELD: dict[str, Any] = {"cache": "per_field"}
+
+
+def cache_marker(field: Any) -> Any:
+    """A field's marker: a list of levels ([] with a reason: none), 'per_field', or None when it has none."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return extra.get("cache")
+
+
+def cache_view(cfg: BaseModel, level: str) -> dict[str, Any]:
+    """The fields of ``cfg`` that the ``level`` key hashes, as JSON values, through PER_FIELD sub-configs."""
+    assert level in CACHE_LEVELS, level
+    out: dict[str, Any] = {}
+    for name, field in type(cfg).model_fields.items():
+        marker, value = cache_marker(field), getattr(cfg, name)
+        if marker == "per_field":
+            if isinstance(value, list):
+                out[name] = [cache_view(v, level) for v in value]
+            else:
+                out[name] = None if value is None else cache_view(value, level)
+        elif marker is not None and level in marker:
+            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [v.model_dump(mode="json") if isinstance(v, BaseModel) else _jsonable(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -32,22 +96,25 @@ class _Strict(BaseModel):
 class SourceConfig(_Strict):
     """One raw data source. Exactly one of ``path`` or ``builtin`` is set."""
 
-    name: str = Field(description="Short name used in drop reasons, stats and mixing.")
-    path: str | None = Field(default=None, description="File or glob of .jsonl/.jsonl.gz/.json/.parquet files.")
-    builtin: Literal["chitchat", "verifiable_tasks"] | None = Field(
+    name: str = Field(json_schema_extra=keyed("curate.rows"), description="Short name used in drop reasons, stats and mixing.")
+    path: str | None = Field(json_schema_extra=keyed("curate.rows"), default=None, description="File or glob of .jsonl/.jsonl.gz/.json/.parquet files.")
+    builtin: Literal["chitchat", "verifiable_tasks"] | None = Field(json_schema_extra=keyed("curate.rows"), 
         default=None, description="Generate this source from an installed package (no hub): chitchat or verifiable_tasks."
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "columns"] = Field(
-        default="auto", description="Row shape; auto detects messages / conversations (ShareGPT) / instruction (Alpaca) / prompt+completion per row."
+    format: Literal[FORMAT_NAMES] = Field(json_schema_extra=keyed("curate.rows"),   # type: ignore[valid-type] # the registry's names (curation/formats.py)
+        default="auto",
+        description="Row shape: " + ", ".join(FORMAT_NAMES) + "; auto detects messages / conversations (ShareGPT) / "
+        "instruction (Alpaca) / prompt+completion per row.",
     )
-    columns: dict[str, str] | None = Field(
+    columns: dict[str, str] | None = Field(json_schema_extra=keyed("curate.rows"), 
         default=None,
-        description="For format=columns: map canonical fields to your columns, e.g. {user: question, assistant: answer, system: sys}.",
+        description="For format=columns: map canonical fields to your columns, e.g. {user: question, assistant: answer, "
+        "system: sys, reasoning: thoughts, tools: functions}.",
     )
-    limit: int | None = Field(default=None, gt=0, description="Read at most this many rows (None = all).")
-    weight: float = Field(default=1.0, gt=0, description="Mixing weight (1.0 = every kept row once, 2.0 = twice, 0.5 = a seeded half).")
-    target_rows: int | None = Field(default=None, ge=0, description="Exact train rows from this source after mixing (overrides weight).")
-    max_rows: int | None = Field(default=None, ge=0, description="Cap on this source's train rows after mixing.")
+    limit: int | None = Field(json_schema_extra=keyed("curate.rows"), default=None, gt=0, description="Read at most this many rows (None = all).")
+    weight: float = Field(json_schema_extra=keyed("curate.mix"), default=1.0, gt=0, description="Mixing weight (1.0 = every kept row once, 2.0 = twice, 0.5 = a seeded half).")
+    target_rows: int | None = Field(json_schema_extra=keyed("curate.mix"), default=None, ge=0, description="Exact train rows from this source after mixing (overrides weight).")
+    max_rows: int | None = Field(json_schema_extra=keyed("curate.mix"), default=None, ge=0, description="Cap on this source's train rows after mixing.")
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:
@@ -55,8 +122,8 @@ class SourceConfig(_Strict):
             raise ValueError(f"source '{self.name}': set exactly one of 'path' (a file or glob) or 'builtin' (chitchat, verifiable_tasks)")
         if self.format == "columns" and not (self.columns and {"user", "assistant"} <= set(self.columns)):
             raise ValueError(f"source '{self.name}': format=columns needs columns with at least 'user' and 'assistant' keys")
-        if self.columns and not set(self.columns) <= {"system", "user", "assistant"}:
-            raise ValueError(f"source '{self.name}': columns keys must be among system, user, assistant")
+        if self.columns and not set(self.columns) <= set(COLUMN_FIELDS):
+            raise ValueError(f"source '{self.name}': columns keys must be among {', '.join(COLUMN_FIELDS)}")
         return self
 
 
@@ -64,12 +131,17 @@ class QualityConfig(_Strict):
     """Conversation-aware quality filters (Gopher-style heuristics); each threshold None = off."""
 
     max_duplicate_line_fraction: float | None = Field(
-        default=0.3, gt=0, le=1, description="Drop if more than this share of non-empty lines in assistant turns are repeats."
+        default=0.3, gt=0, le=1, description="Drop if in one reply more than this share of its lines (fenced code left out) are repeats."
     )
     max_top_ngram_fraction: float | None = Field(
-        default=0.3, gt=0, le=1, description="Drop if the most frequent word 3-gram covers more than this share of assistant words."
+        default=0.3, gt=0, le=1, description="Drop if in one reply the most frequent word 3-gram covers more than this share of its words."
     )
-    repetition_min_words: int = Field(default=30, ge=1, description="The n-gram rule applies only to assistant text of at least this many words.")
+    repetition_min_words: int = Field(default=30, ge=1, description="The n-gram rule applies only to a reply of at least this many words.")
+    line_min_alnum: int = Field(
+        default=8, ge=0,
+        description="The duplicate-line rule counts only lines with at least this many letters or digits (code punctuation, "
+        "markdown rules and short labels are not repetition).",
+    )
     min_alnum_fraction: float | None = Field(
         default=0.25, ge=0, le=1, description="Drop if fewer than this share of assistant characters are letters or digits."
     )
@@ -110,11 +182,11 @@ class QualityConfig(_Strict):
 class NearDedupConfig(_Strict):
     """MinHash near-duplicate removal (defaults from the field: 5-gram words, 128 hashes, Jaccard 0.8)."""
 
-    enabled: bool = Field(default=True, description="Drop near-duplicates (reason dedup_near), keeping the first row of each cluster.")
-    threshold: float = Field(default=0.8, gt=0, le=1, description="Exact Jaccard (word n-gram sets) a candidate pair must reach.")
-    ngram: int = Field(default=5, ge=1, le=13, description="Words per shingle.")
-    num_perm: Literal[64, 128, 256] = Field(default=128, description="Sketch size (one-permutation MinHash bins).")
-    bands: int = Field(default=16, ge=1, description="LSH bands; num_perm / bands rows each (16 x 8: candidate S-curve at ~0.71).")
+    enabled: bool = Field(json_schema_extra=keyed("curate.rows"), default=True, description="Drop near-duplicates (reason dedup_near), keeping the first row of each cluster.")
+    threshold: float = Field(json_schema_extra=keyed("curate.dedup"), default=0.8, gt=0, le=1, description="Exact Jaccard (word n-gram sets) a candidate pair must reach.")
+    ngram: int = Field(json_schema_extra=keyed("curate.rows"), default=5, ge=1, le=13, description="Words per shingle.")
+    num_perm: Literal[64, 128, 256] = Field(json_schema_extra=keyed("curate.rows"), default=128, description="Sketch size (one-permutation MinHash bins).")
+    bands: int = Field(json_schema_extra=keyed("curate.rows"), default=16, ge=1, description="LSH bands; num_perm / bands rows each (16 x 8: candidate S-curve at ~0.71).")
 
 
 class EvalSetConfig(_Strict):
@@ -152,22 +224,37 @@ class DecontamConfig(_Strict):
     )
 
 
+class RepairConfig(_Strict):
+    """Repairs curation makes instead of dropping a row (counted per kind as repaired_<kind>; see curation/repair.py)."""
+
+    leading_assistant: Literal["context", "remove", "drop_row"] = Field(
+        default="remove",
+        description="Assistant (and tool) turns before the first user turn, as in chunks of split ShareGPT dumps: remove them "
+        "(FastChat's choice), keep them as untrained context (train: false), or drop the row (repair_leading_assistant).",
+    )
+    merge_consecutive_user: bool = Field(default=True, description="Merge consecutive user turns into one (a blank line between).")
+    trailing_user: Literal["remove", "drop_row"] = Field(
+        default="remove", description="User (or tool) turns after the last assistant turn: remove them, or drop the row (repair_trailing_user)."
+    )
+
+
 class CurateConfig(_Strict):
     """Curation: read, normalize, validate, dedup, filter, split."""
 
-    sources: list[SourceConfig] = Field(min_length=1, description="Raw sources to read.")
-    min_chars: int | None = Field(default=1, ge=0, description="Drop conversations with fewer characters (None = off).")
-    max_chars: int | None = Field(default=20_000, gt=0, description="Drop conversations with more characters (None = off).")
-    min_turns: int | None = Field(default=2, ge=1, description="Drop conversations with fewer messages (None = off).")
-    max_turns: int | None = Field(default=64, ge=1, description="Drop conversations with more messages (None = off).")
-    dedup: bool = Field(default=True, description="Exact dedup on whitespace/case-normalized text, first row wins.")
-    near_dedup: NearDedupConfig = Field(default_factory=lambda: NearDedupConfig())
-    decontaminate: DecontamConfig = Field(default_factory=lambda: DecontamConfig())
-    max_row_bytes: int = Field(default=1_000_000, ge=1, description="Raw rows larger than this are quarantined unparsed (read_row_too_large).")
-    quality: QualityConfig = Field(default_factory=lambda: QualityConfig())
-    heldout_fraction: float = Field(
+    sources: list[SourceConfig] = Field(json_schema_extra=PER_FIELD, min_length=1, description="Raw sources to read.")
+    min_chars: int | None = Field(json_schema_extra=keyed("curate.rows"), default=1, ge=0, description="Drop conversations with fewer characters (None = off).")
+    max_chars: int | None = Field(json_schema_extra=keyed("curate.rows"), default=20_000, gt=0, description="Drop conversations with more characters (None = off).")
+    min_turns: int | None = Field(json_schema_extra=keyed("curate.rows"), default=2, ge=1, description="Drop conversations with fewer messages (None = off).")
+    max_turns: int | None = Field(json_schema_extra=keyed("curate.rows"), default=64, ge=1, description="Drop conversations with more messages (None = off).")
+    dedup: bool = Field(json_schema_extra=keyed("curate.dedup"), default=True, description="Exact dedup on whitespace/case-normalized text, first row wins.")
+    near_dedup: NearDedupConfig = Field(json_schema_extra=PER_FIELD, default_factory=lambda: NearDedupConfig())
+    decontaminate: DecontamConfig = Field(json_schema_extra=keyed("curate.rows"), default_factory=lambda: DecontamConfig())
+    max_row_bytes: int = Field(json_schema_extra=keyed("curate.rows"), default=1_000_000, ge=1, description="Raw rows larger than this are quarantined unparsed (read_row_too_large).")
+    quality: QualityConfig = Field(json_schema_extra=keyed("curate.rows"), default_factory=lambda: QualityConfig())
+    heldout_fraction: float = Field(json_schema_extra=keyed("curate.dedup"), 
         default=0.05, ge=0, lt=1, description="Share of rows set aside for held-out evaluation, chosen by content hash."
     )
+    repair: RepairConfig = Field(json_schema_extra=keyed("curate.rows"), default_factory=lambda: RepairConfig())
 
     @model_validator(mode="after")
     def _bounds(self) -> CurateConfig:
@@ -192,53 +279,53 @@ class MaskStrategy(str, Enum):
 class PrepareConfig(_Strict):
     """Rendering, tokenization with loss masks, and packing."""
 
-    max_seq_len: int = Field(default=2048, ge=16, description="Packed row length in tokens.")
-    mask: MaskStrategy = Field(default=MaskStrategy.ALL_ASSISTANT, description="all_assistant, last_assistant or everything.")
-    overlong: Literal["drop", "truncate"] = Field(
+    max_seq_len: int = Field(json_schema_extra=keyed("prepare"), default=2048, ge=16, description="Packed row length in tokens.")
+    mask: MaskStrategy = Field(json_schema_extra=keyed("prepare"), default=MaskStrategy.ALL_ASSISTANT, description="all_assistant, last_assistant or everything.")
+    overlong: Literal["drop", "truncate"] = Field(json_schema_extra=keyed("prepare"), 
         default="drop", description="What to do with a sample longer than max_seq_len: drop it, or truncate it (counted either way)."
     )
-    tokenize_batch_size: int = Field(default=1024, ge=1, description="Conversations per fast-tokenizer batch call.")
+    tokenize_batch_size: int = Field(json_schema_extra=unkeyed("batching does not change the tokens: tests/test_data.py packs identically at batch 1 and 1000"), default=1024, ge=1, description="Conversations per fast-tokenizer batch call.")
 
 
 class TrainConfig(_Strict):
     """DeepSpeed training."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    zero_stage: Literal[0, 1, 2, 3] = Field(json_schema_extra=keyed("train"), default=2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(json_schema_extra=keyed("train"), 
         default="auto", description="auto = bf16 on GPU, fp32 on CPU; fp16 (GPU only) uses dynamic loss scaling."
     )
-    offload_optimizer: bool = Field(default=False, description="ZeRO-Offload optimizer states to CPU (stage >= 1).")
-    offload_param: bool = Field(default=False, description="ZeRO-Infinity parameter offload to CPU (stage 3 only).")
-    deepspeed_overrides: str | None = Field(
+    offload_optimizer: bool = Field(json_schema_extra=keyed("train"), default=False, description="ZeRO-Offload optimizer states to CPU (stage >= 1).")
+    offload_param: bool = Field(json_schema_extra=keyed("train"), default=False, description="ZeRO-Infinity parameter offload to CPU (stage 3 only).")
+    deepspeed_overrides: str | None = Field(json_schema_extra=keyed("train"), 
         default=None, description="Path to a DeepSpeed JSON whose fields override the derived config (merged, then logged)."
     )
-    loss_norm: Literal["token", "sample"] = Field(
+    loss_norm: Literal["token", "sample"] = Field(json_schema_extra=keyed("train"), 
         default="token", description="token = sum of token losses / supervised tokens of the global batch; sample = mean of per-sample means."
     )
-    micro_batch_size: int = Field(default=1, ge=1, description="Packed rows per forward pass per process.")
-    grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(default=1e-4, gt=0, description="Peak learning rate (AdamW).")
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
-    warmup_steps: int = Field(default=2, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = Field(default=(0.9, 0.95))
-    grad_clip: float | None = Field(default=1.0, gt=0, description="Max global grad norm (None = off).")
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the packed data; ignored when max_steps is set.")
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps (overrides epochs).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+    micro_batch_size: int = Field(json_schema_extra=keyed("train"), default=1, ge=1, description="Packed rows per forward pass per process.")
+    grad_accum: int = Field(json_schema_extra=keyed("train"), default=4, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(json_schema_extra=keyed("train"), default=1e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(json_schema_extra=keyed("train"), default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    warmup_steps: int = Field(json_schema_extra=keyed("train"), default=2, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(json_schema_extra=keyed("train"), default=0.0, ge=0)
+    betas: tuple[float, float] = Field(json_schema_extra=keyed("train"), default=(0.9, 0.95))
+    grad_clip: float | None = Field(json_schema_extra=keyed("train"), default=1.0, gt=0, description="Max global grad norm (None = off).")
+    epochs: float = Field(json_schema_extra=keyed("train"), default=1.0, gt=0, description="Passes over the packed data; ignored when max_steps is set.")
+    max_steps: int | None = Field(json_schema_extra=keyed("train"), default=None, ge=1, description="Optimizer steps (overrides epochs).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(json_schema_extra=keyed("train"), 
         default="sdpa", description="Attention kernel; all respect packed sample boundaries."
     )
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = all cores).")
-    nproc: int = Field(default=1, ge=1, description="Training processes on this machine (>1 launches torch.distributed.run).")
-    hostfile: str | None = Field(
+    threads: int | None = Field(json_schema_extra=unkeyed("CPU threads change the speed of the same computation"), default=None, ge=1, description="torch CPU threads (None = all cores).")
+    nproc: int = Field(json_schema_extra=keyed("train"), default=1, ge=1, description="Training processes on this machine (>1 launches torch.distributed.run).")
+    hostfile: str | None = Field(json_schema_extra=keyed("train"), 
         default=None, description="DeepSpeed hostfile ('host slots=N' lines) for several nodes; launches the deepspeed launcher."
     )
-    eval_every: int | None = Field(default=None, ge=1, description="Held-out loss every N steps during training (None = off).")
-    eval_max_rows: int | None = Field(default=32, ge=1, description="Held-out packed rows used by eval_every (None = all).")
-    log_model: bool = Field(default=False, description="Also copy the final Hugging Face folder into MLflow as artifacts.")
-    checkpoint_every: int | None = Field(default=None, ge=1, description="Save a DeepSpeed checkpoint every N steps (None = off).")
-    keep_checkpoints: int = Field(default=2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
-    resume: Literal["auto", "never"] = Field(default="auto", description="auto = continue from the latest complete checkpoint.")
+    eval_every: int | None = Field(json_schema_extra=keyed("train"), default=None, ge=1, description="Held-out loss every N steps during training (None = off).")
+    eval_max_rows: int | None = Field(json_schema_extra=keyed("train"), default=32, ge=1, description="Held-out packed rows used by eval_every (None = all).")
+    log_model: bool = Field(json_schema_extra=unkeyed("copies the finished model into MLflow after training"), default=False, description="Also copy the final Hugging Face folder into MLflow as artifacts.")
+    checkpoint_every: int | None = Field(json_schema_extra=unkeyed("checkpoints resume exactly: tests/test_train.py compares a resumed run with an uninterrupted one"), default=None, ge=1, description="Save a DeepSpeed checkpoint every N steps (None = off).")
+    keep_checkpoints: int = Field(json_schema_extra=unkeyed("how many checkpoints stay on disk while training"), default=2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    resume: Literal["auto", "never"] = Field(json_schema_extra=unkeyed("resuming reproduces the uninterrupted run exactly"), default="auto", description="auto = continue from the latest complete checkpoint.")
 
     @model_validator(mode="after")
     def _offload(self) -> TrainConfig:
@@ -281,18 +368,18 @@ class GateConfig(_Strict):
 class EvalConfig(_Strict):
     """Base vs tuned on the same items: held-out loss, knowledge retention, instruction following, own tasks."""
 
-    compare_base: bool = Field(default=True, description="Also evaluate the base model on the same items.")
-    micro_batch_size: int = Field(default=2, ge=1)
-    max_heldout_rows: int | None = Field(default=None, ge=1, description="Cap on held-out packed rows (None = all).")
-    generate_samples: int = Field(default=4, ge=0, description="Held-out prompts to generate answers for (shown, not scored).")
-    max_new_tokens: int = Field(default=48, ge=1, description="Generation cap for samples and the task set.")
-    gen_batch_size: int = Field(default=8, ge=1, description="Prompts generated together (greedy, left-padded).")
-    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
-    ifbench_limit: int = Field(default=50, ge=0, le=294, description="IFBench prompts scored by rule checkers (0 = off).")
-    ifbench_max_new_tokens: int = Field(default=256, ge=1, description="Generation cap for IFBench answers.")
-    tasks_limit: int = Field(default=50, ge=0, le=500, description="Held-out verifiable tasks scored by exact match (0 = off).")
-    gate: GateConfig = Field(default_factory=GateConfig)
-    register_model: str | None = Field(
+    compare_base: bool = Field(json_schema_extra=keyed("evaluate"), default=True, description="Also evaluate the base model on the same items.")
+    micro_batch_size: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=2, ge=1)
+    max_heldout_rows: int | None = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=None, ge=1, description="Cap on held-out packed rows (None = all).")
+    generate_samples: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=4, ge=0, description="Held-out prompts to generate answers for (shown, not scored).")
+    max_new_tokens: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=48, ge=1, description="Generation cap for samples and the task set.")
+    gen_batch_size: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=8, ge=1, description="Prompts generated together (greedy, left-padded).")
+    knowledge: KnowledgeConfig = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default_factory=KnowledgeConfig)
+    ifbench_limit: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=50, ge=0, le=294, description="IFBench prompts scored by rule checkers (0 = off).")
+    ifbench_max_new_tokens: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=256, ge=1, description="Generation cap for IFBench answers.")
+    tasks_limit: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=50, ge=0, le=500, description="Held-out verifiable tasks scored by exact match (0 = off).")
+    gate: GateConfig = Field(json_schema_extra=unkeyed("applied to the cached scores after scoring: changing it re-scores nothing"), default_factory=GateConfig)
+    register_model: str | None = Field(json_schema_extra=unkeyed("registration happens after evaluation, from its outputs"), 
         default=None, description="MLflow registered-model name; the tuned model is registered only if the gate passes."
     )
 
@@ -366,22 +453,22 @@ class SweepConfig(_Strict):
 class PipelineConfig(_Strict):
     """The whole pipeline: shared settings and one section per stage."""
 
-    model: str = Field(
+    model: str = Field(json_schema_extra=unkeyed("its tokenizer and weights digests, not its name, enter the prepare, train and evaluate keys"), 
         default="smollm2-135m",
         description="'smollm2-135m' (packaged, converted once to safetensors) or a local Hugging Face model folder.",
     )
-    work_dir: Path = Field(default=Path("runs"), description="Where stage outputs, the MLflow store and caches live.")
-    experiment: str = Field(default="sft-pipeline", description="MLflow experiment name.")
-    tracking_uri: str | None = Field(
+    work_dir: Path = Field(json_schema_extra=unkeyed("where the outputs live, not what they are"), default=Path("runs"), description="Where stage outputs, the MLflow store and caches live.")
+    experiment: str = Field(json_schema_extra=unkeyed("MLflow tracking only"), default="sft-pipeline", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(json_schema_extra=unkeyed("MLflow tracking only"), 
         default=None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite under work_dir."
     )
-    seed: int = Field(default=0, description="Seed for splits, shuffles and training.")
-    curate: CurateConfig
-    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
-    runner: RunnerConfig = Field(default_factory=RunnerConfig)
-    sweep: SweepConfig | None = Field(default=None, description="Variants for `sft-pipeline sweep` (ignored by other commands).")
+    seed: int = Field(json_schema_extra=keyed("curate.rows", "curate.dedup", "curate.mix", "train"), default=0, description="Seed for splits, shuffles and training.")
+    curate: CurateConfig = Field(json_schema_extra=PER_FIELD, description="Curation: sources, checks, dedup, split, mix.")
+    prepare: PrepareConfig = Field(json_schema_extra=PER_FIELD, default_factory=PrepareConfig)
+    train: TrainConfig = Field(json_schema_extra=PER_FIELD, default_factory=TrainConfig)
+    evaluate: EvalConfig = Field(json_schema_extra=PER_FIELD, default_factory=EvalConfig)
+    runner: RunnerConfig = Field(json_schema_extra=unkeyed("every runner gives byte-identical outputs (tests/test_curate_runners.py); files_per_shard only groups files into unit folders, each keyed by its own files"), default_factory=RunnerConfig)
+    sweep: SweepConfig | None = Field(json_schema_extra=unkeyed("read only by the sweep command, which turns it into overrides of the other sections"), default=None, description="Variants for `sft-pipeline sweep` (ignored by other commands).")
 
     @model_validator(mode="after")
     def _decontaminate_evaluated_sets(self) -> PipelineConfig:

@@ -13,12 +13,13 @@ so a training conversation can never overlap an item the evaluation may score.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from sft_engine.curation.read import read_objects
 from sft_engine.demo_data import verifiable_task_rows
 
 # The built-in task eval set: generator items from a seed range training data never uses.
@@ -49,7 +50,8 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # The one reader curation uses; a row that does not parse is an error naming the file, not a silent skip.
+    return read_objects(glob.escape(str(path)), f"evaluation data '{path.name}'")
 
 
 def _split_options(options: str) -> list[str]:

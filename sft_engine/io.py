@@ -14,10 +14,19 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A finished stage folder, and whether it was reused from an earlier run rather than computed."""
+
+    path: Path
+    reused: bool
 
 
 def digest_bytes(*parts: bytes) -> str:

@@ -18,8 +18,9 @@ from prefect.cache_policies import NO_CACHE
 
 from sft_engine import stages
 from sft_engine.config import PipelineConfig, config_to_dict
+from sft_engine.curation import stage as curation
 from sft_engine.evaluate import check_gate, format_table, table_metrics
-from sft_engine.io import read_json
+from sft_engine.io import StageOutput, read_json
 from tasks import tracking
 
 
@@ -36,15 +37,15 @@ def stage_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None) -> Ite
     tracking.end_run(client, run_id)
 
 
-def _cached_tag(client: Any, run_id: str, res: stages.StageOutput) -> None:
+def _cached_tag(client: Any, run_id: str, res: StageOutput) -> None:
     client.set_tag(run_id, "cached", str(res.reused).lower())
     client.set_tag(run_id, "output_dir", str(res.path))
 
 
 @task(name="curate-plan", cache_policy=NO_CACHE)
-def curate_plan_task(cfg: PipelineConfig) -> stages.CuratePlan:
+def curate_plan_task(cfg: PipelineConfig) -> curation.CuratePlan:
     """Key curation's levels and cut the sources into per-source or per-shard units of row-local work."""
-    plan = stages.plan_curate(cfg)
+    plan = curation.plan_curate(cfg)
     if plan.units:
         get_run_logger().info("curate: %d row-local units to run or reuse: %s", len(plan.units), ", ".join(u.label for u in plan.units))
     else:
@@ -53,26 +54,27 @@ def curate_plan_task(cfg: PipelineConfig) -> stages.CuratePlan:
 
 
 @task(name="curate-unit", task_run_name="curate-unit {unit.label}", cache_policy=NO_CACHE)
-def curate_unit_task(cfg: PipelineConfig, unit: stages.CurateUnit) -> stages.StageOutput:
+def curate_unit_task(cfg: PipelineConfig, unit: curation.CurateUnit) -> StageOutput:
     """Row-local checks of one source or shard into its own cached folder."""
-    res = stages.run_curate_unit(cfg, unit)
+    res = curation.run_curate_unit(cfg, unit)
     get_run_logger().info("curate unit %s -> %s%s", unit.label, res.path, " [reused]" if res.reused else "")
     return res
 
 
 @task(name="curate", cache_policy=NO_CACHE)
 def curate_task(
-    cfg: PipelineConfig, parent_run_id: str | None = None, plan: stages.CuratePlan | None = None,
-    units: list[stages.StageOutput] | None = None,
+    cfg: PipelineConfig, parent_run_id: str | None = None, plan: curation.CuratePlan | None = None,
+    units: list[StageOutput] | None = None,
 ) -> Path:
     """Dedup, split and mix the checked sources; given no ``plan``, runs every unit first, in this task."""
     log = get_run_logger()
     with stage_run(cfg, "curate", parent_run_id) as (client, run_id):
-        res = stages.run_curate(cfg) if plan is None else stages.run_curate_global(cfg, plan, units or [])
+        res = curation.run_curate(cfg) if plan is None else curation.run_curate_global(cfg, plan, units or [])
         out = res.path
         stats = read_json(out / "stats.json")
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         metrics.update({f"dropped.{r}": n for r, n in stats["dropped_by_reason"].items()})
+        metrics.update({f"repaired_{k}": n for k, n in stats.get("repaired_by_kind", {}).items()})
         metrics.update({f"source.{k}.share": v for k, v in stats["mix"]["realized_share"].items()})
         decontam = stats.get("decontamination") or {}
         metrics.update({f"decontam.{k}": v for k, v in (decontam.get("matches_by_eval_set") or {}).items()})
@@ -81,13 +83,16 @@ def curate_task(
         for src, s in stats["per_source"].items():
             metrics.update({f"source.{src}.{k}": v for k, v in s.items() if isinstance(v, (int, float))})
         tracking.log_metrics(client, run_id, metrics)
-        tracking.log_files(client, run_id, out)
+        tracking.log_files(client, run_id, out, (".json", ".png", ".md"))
+        # Sampled rejected rows per reason, and a page showing them: a rule is audited in the MLflow UI.
+        client.log_artifacts(run_id, str(out / "drop_samples"), "drop_samples")
         tracking.log_dataset(client, run_id, "curated", stats["digest"], out, {"rows_train": stats["rows_train_mixed"]})
         _cached_tag(client, run_id, res)
         log.info(
-            "curate: %d rows in, %d kept (%d train, %d held out), %d dropped %s%s",
-            stats["rows_in"], stats["rows_kept"], stats["rows_train"], stats["rows_heldout"], stats["rows_dropped"],
-            json.dumps(stats["dropped_by_reason"]), " [reused]" if res.reused else "",
+            "curate: %d rows in, %d kept (%d train, %d held out; %d repaired %s), %d dropped %s%s",
+            stats["rows_in"], stats["rows_kept"], stats["rows_train"], stats["rows_heldout"], stats.get("rows_repaired", 0),
+            json.dumps(stats.get("repaired_by_kind", {})), stats["rows_dropped"], json.dumps(stats["dropped_by_reason"]),
+            " [reused]" if res.reused else "",
         )
     return out
 

@@ -64,13 +64,14 @@ def packed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Packed training rows (Arrow) of 200 verifiable tasks for the tiny model, 128 tokens a row."""
     from sft_engine import stages
     from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
 
     cfg = load_config(None, [
         f"work_dir={tmp_path_factory.mktemp('packed_work')}", f"model={tiny_model}",
         "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 200}]", "prepare.max_seq_len=128",
         "curate.heldout_fraction=0.0",
     ])
-    return stages.run_prepare(cfg, stages.run_curate(cfg).path).path / "train.arrow"
+    return stages.run_prepare(cfg, curation.run_curate(cfg).path).path / "train.arrow"
 
 
 @pytest.fixture(scope="session")

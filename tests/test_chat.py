@@ -94,11 +94,11 @@ def test_template_that_rewrites_history_is_dropped_not_guessed(tiny_model) -> No
 
 def test_skeleton_fast_path_matches_prefix_diffing_on_real_chats(smollm2_tokenizer) -> None:
     from sft_engine.chat import labels_from_offsets, render_batch
-    from sft_engine.curate import normalize_row
+    from sft_engine.curation.formats import normalize_row
     from sft_engine.demo_data import chitchat_rows, verifiable_task_rows
 
     convs = [r["messages"] for r in chitchat_rows(limit=150)]
-    convs += [normalize_row(r)[0] for r in verifiable_task_rows(50)]
+    convs += [normalize_row(r)["messages"] for r in verifiable_task_rows(50)]
     convs.append([{"role": "system", "content": "  padded  "}, *MULTI[1:]])
     for strategy in (MaskStrategy.ALL_ASSISTANT, MaskStrategy.LAST_ASSISTANT):
         fast = render_batch(smollm2_tokenizer, convs, strategy)

@@ -8,7 +8,7 @@ import pytest
 
 from sft_engine.config import PrepareConfig
 from sft_engine.constants import IGNORE_INDEX
-from sft_engine.curate import MESSAGE
+from sft_engine.curation.schema import MESSAGE
 from sft_engine.data import PackedDataset, collate, iter_batches, prepare_split
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from sft_engine import stages
 from sft_engine.config import load_config
+from sft_engine.curation import stage as curation
 from sft_engine.io import digest_file
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ def test_same_config_gives_identical_outputs_in_separate_work_dirs(tiny_model: P
             "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 150}, {name: c, builtin: chitchat, limit: 60, weight: 1.5}]",
             "train.max_steps=3", "train.grad_accum=2", "train.lr=3e-3",
         ])
-        curated = stages.run_curate(cfg).path
+        curated = curation.run_curate(cfg).path
         prepared = stages.run_prepare(cfg, curated).path
         trained = stages.run_train(cfg, prepared).path
         files = {n: digest_file(curated / n) for n in ("train.parquet", "heldout.parquet", "rejected.parquet")}

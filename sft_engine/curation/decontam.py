@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,26 +17,19 @@ import numpy as np
 import polars as pl
 
 from sft_engine.config import DecontamConfig, EvalSetConfig
+from sft_engine.curation.near_dedup import shingle_hashes
+from sft_engine.curation.read import SourceError, read_objects
 from sft_engine.evalsets import eval_texts
-from sft_engine.near_dedup import shingle_hashes
 
 
 def eval_items(es: EvalSetConfig) -> list[str]:
     """The text of every item of one eval set (the configured fields present, joined)."""
     if es.builtin is not None:
         return eval_texts(es.builtin)
-    else:
-        assert es.path is not None
-        rows = []
-        for p in sorted(glob.glob(es.path)):
-            if p.endswith(".parquet"):
-                rows += pl.read_parquet(p).to_dicts()
-            elif p.endswith(".json"):
-                rows += json.loads(Path(p).read_text())
-            else:
-                rows += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
-        if not rows:
-            raise FileNotFoundError(f"eval set '{es.name}': '{es.path}' matches no file or holds no items")
+    assert es.path is not None
+    rows = read_objects(es.path, f"eval set '{es.name}'")
+    if not rows:
+        raise SourceError(f"eval set '{es.name}': '{es.path}' holds no items")
     return [" ".join(str(r[f]) for f in es.fields if isinstance(r, dict) and r.get(f) not in (None, "")) for r in rows]
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 
 from sft_engine.config import CurateConfig
-from sft_engine.curate import curate
-from sft_engine.near_dedup import exact_jaccard, minhash_signatures, near_duplicates, shingle_hashes
+from sft_engine.curation.curate import curate
+from sft_engine.curation.near_dedup import exact_jaccard, minhash_signatures, near_duplicates, shingle_hashes
 
 
 def _corpus(n_base: int = 1500, n_planted: int = 300, seed: int = 0) -> list[str]:
@@ -173,7 +173,7 @@ def test_shingles_match_the_word_ngrams_of_a_plain_python_tokenizer() -> None:
 
 
 def test_clusters_keep_the_first_document_of_each_component() -> None:
-    from sft_engine.near_dedup import _clusters
+    from sft_engine.curation.near_dedup import _clusters
 
     assert _clusters(7, np.array([[3, 5], [0, 3], [1, 2], [5, 6]])).tolist() == [0, 1, 1, 0, 4, 0, 0]
 

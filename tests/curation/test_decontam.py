@@ -6,8 +6,8 @@ from pathlib import Path
 import polars as pl
 
 from sft_engine.config import CurateConfig, DecontamConfig
-from sft_engine.curate import curate
-from sft_engine.decontam import eval_items, find_contamination
+from sft_engine.curation.curate import curate
+from sft_engine.curation.decontam import eval_items, find_contamination
 
 LONG_Q = "Which planet in our solar system has the longest day measured against its own orbit around the sun today?"
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from sft_engine.config import CurateConfig
-from sft_engine.curate import SourceError, curate
+from sft_engine.curation.curate import curate
+from sft_engine.curation.read import SourceError
 
-BAD = Path(__file__).parent / "data" / "bad"
+BAD = Path(__file__).parent.parent / "data" / "bad"
 
 EXPECTED = {
     "truncated.jsonl": {"read_bad_json": 1},

@@ -13,8 +13,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from sft_engine import stages
 from sft_engine.config import ConfigError, config_to_dict, load_config
+from sft_engine.curation import stage as curation
+from sft_engine.io import StageOutput
 
 # What must be byte-identical whichever way curation ran.
 OUTPUTS = ("train.parquet", "heldout.parquet", "rejected.parquet", "stats.json")
@@ -78,27 +79,27 @@ def shard_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sequential(shard_data: Path, tmp_path_factory: pytest.TempPathFactory) -> stages.StageOutput:
+def sequential(shard_data: Path, tmp_path_factory: pytest.TempPathFactory) -> StageOutput:
     """The reference: run_curate in this process, every unit one after another."""
-    return stages.run_curate(load_config(None, shard_overrides(shard_data, tmp_path_factory.mktemp("seq"))))
+    return curation.run_curate(load_config(None, shard_overrides(shard_data, tmp_path_factory.mktemp("seq"))))
 
 
 def test_glob_sources_are_cut_into_shard_units(shard_data: Path, tmp_path: Path) -> None:
-    plan = stages.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path)))
+    plan = curation.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path)))
     assert [u.label for u in plan.units] == ["a[0]", "a[1]", "a[2]", "b[0]", "b[1]"]
     assert [Path(f).name for f in plan.units[1].files or ()] == ["part-1.jsonl.gz"]
     assert len({u.folder for u in plan.units}) == 5
-    pairs = stages.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path, "runner.files_per_shard=2")))
+    pairs = curation.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path, "runner.files_per_shard=2")))
     assert [(u.label, len(u.files or ())) for u in pairs.units] == [("a[0]", 2), ("a[1]", 1), ("b", 0)]
     # A source with a row limit counts rows across its files, so it stays one unit.
-    limited = stages.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path, "curate.sources.0.limit=50")))
+    limited = curation.plan_curate(load_config(None, shard_overrides(shard_data, tmp_path, "curate.sources.0.limit=50")))
     assert [u.label for u in limited.units] == ["a", "b[0]", "b[1]"]
 
 
-def test_shards_give_the_rows_of_one_unit_and_find_near_dups_across_shards(shard_data: Path, sequential: stages.StageOutput,
+def test_shards_give_the_rows_of_one_unit_and_find_near_dups_across_shards(shard_data: Path, sequential: StageOutput,
                                                                            tmp_path: Path) -> None:
     # One unit per source (files_per_shard large): the same rows, numbered the same, the same outputs.
-    whole = stages.run_curate(load_config(None, shard_overrides(shard_data, tmp_path, "runner.files_per_shard=100")))
+    whole = curation.run_curate(load_config(None, shard_overrides(shard_data, tmp_path, "runner.files_per_shard=100")))
     assert whole.path.name == sequential.path.name
     for name in OUTPUTS[:3]:
         assert (whole.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
@@ -119,9 +120,9 @@ def test_shards_give_the_rows_of_one_unit_and_find_near_dups_across_shards(shard
 
 def test_a_new_shard_reuses_the_others(shard_data: Path, tmp_path: Path) -> None:
     data = write_shards(tmp_path / "data")
-    first = stages.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
+    first = curation.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
     (data / "b" / "part-2.jsonl").write_text(_row("One more question?", "One more answer, with enough words.") + "\n")
-    again = stages.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
+    again = curation.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
     stats = json.loads((again.path / "stats.json").read_text())
     assert again.path != first.path
     assert stats["cache"] == {"sources_reused": ["a[0]", "a[1]", "a[2]", "b[0]", "b[1]"], "sources_computed": ["b[2]"], "dedup_reused": False}
@@ -130,10 +131,10 @@ def test_a_new_shard_reuses_the_others(shard_data: Path, tmp_path: Path) -> None
 
 def test_global_step_refuses_missing_units(shard_data: Path, tmp_path: Path) -> None:
     cfg = load_config(None, shard_overrides(shard_data, tmp_path))
-    plan = stages.plan_curate(cfg)
-    done = [stages.run_curate_unit(cfg, u) for u in plan.units[:2]]
+    plan = curation.plan_curate(cfg)
+    done = [curation.run_curate_unit(cfg, u) for u in plan.units[:2]]
     with pytest.raises(ValueError, match="needs the finished folders of the plan's 5 units in plan order, got 2"):
-        stages.run_curate_global(cfg, plan, done)
+        curation.run_curate_global(cfg, plan, done)
 
 
 def test_runner_needing_a_missing_package_names_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -166,7 +167,7 @@ def test_task_runner_for_each_kind() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["threads", "dask", "ray"])
-def test_runner_gives_the_sequential_bytes(prefect_server, kind: str, shard_data: Path, sequential: stages.StageOutput,
+def test_runner_gives_the_sequential_bytes(prefect_server, kind: str, shard_data: Path, sequential: StageOutput,
                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName

@@ -8,45 +8,19 @@ import polars as pl
 import pytest
 
 from sft_engine.config import CurateConfig
-from sft_engine.curate import SourceError, curate, normalize_row, read_source
+from sft_engine.curation.curate import curate
+from sft_engine.curation.read import SourceError
+from sft_engine.curation.schema import row_dicts
+from sft_engine.curation.sources import read_source
 
 
 def _msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     return [{"role": r, "content": c} for r, c in pairs]
 
 
-def test_normalize_messages_and_alpaca_to_one_schema() -> None:
-    assert normalize_row({"messages": [{"role": "User", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) == (
-        _msgs(("user", "hi"), ("assistant", "yo")),
-        None,
-    )
-    assert normalize_row({"instruction": "Add.", "input": "1 and 2", "output": "3"}) == (
-        _msgs(("user", "Add.\n\n1 and 2"), ("assistant", "3")),
-        None,
-    )
-    assert normalize_row({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False}]}) == (
-        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False}],
-        None,
-    )
-    assert normalize_row({"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be brief."}) == (
-        _msgs(("system", "Be brief."), ("user", "Say hi."), ("assistant", "hi")),
-        None,
-    )
-
-
-@pytest.mark.parametrize(
-    ("row", "reason"),
-    [
-        ({"messages": [{"role": "user"}]}, "normalize_missing_field"),
-        ({"messages": [{"role": "user", "content": 5}]}, "normalize_bad_type"),
-        ({"messages": "hello"}, "normalize_bad_type"),
-        ({"instruction": "x"}, "normalize_missing_field"),
-        ({"text": "plain"}, "normalize_unknown_shape"),
-        ([1, 2], "normalize_not_an_object"),
-    ],
-)
-def test_normalize_reasons(row: object, reason: str) -> None:
-    assert normalize_row(row) == (None, reason)
+def _read(source: dict) -> pl.DataFrame:
+    cfg = CurateConfig(sources=[source])
+    return read_source(cfg.sources[0], cfg)
 
 
 def _write_jsonl(path: Path, lines: list[bytes]) -> Path:
@@ -118,20 +92,19 @@ def test_parquet_and_json_array_sources(tmp_path: Path) -> None:
     rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}!"} for i in range(5)]
     pl.DataFrame(rows).write_parquet(tmp_path / "x.parquet")
     (tmp_path / "y.json").write_text(json.dumps(rows[:2]))
-    pq = read_source(CurateConfig(sources=[{"name": "p", "path": str(tmp_path / "x.parquet")}]).sources[0])
-    js = read_source(CurateConfig(sources=[{"name": "j", "path": str(tmp_path / "y.json")}]).sources[0])
+    pq = _read({"name": "p", "path": str(tmp_path / "x.parquet")})
+    js = _read({"name": "j", "path": str(tmp_path / "y.json")})
     assert pq.height == 5 and pq["drop_reason"].null_count() == 5
-    assert js["messages"].to_list()[1] == [{**m, "train": None} for m in _msgs(("user", "Say 1."), ("assistant", "1!"))]
+    assert row_dicts(js)[1] == {"source": "j", "row": 2, "messages": _msgs(("user", "Say 1."), ("assistant", "1!")), "repairs": []}
 
 
 def test_unreadable_source_names_the_file(tmp_path: Path) -> None:
-    missing = CurateConfig(sources=[{"name": "m", "path": str(tmp_path / "nope*.jsonl")}]).sources[0]
     with pytest.raises(SourceError, match="nope\\*.jsonl' matches no file"):
-        read_source(missing)
+        _read({"name": "m", "path": str(tmp_path / "nope*.jsonl")})
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(SourceError, match="bad.json' is not a JSON array"):
-        read_source(CurateConfig(sources=[{"name": "b", "path": str(bad)}]).sources[0])
+    bad.write_text("not json at all")
+    with pytest.raises(SourceError, match="bad.json' is not a JSON array of rows"):
+        _read({"name": "b", "path": str(bad)})
 
 
 def test_heldout_split_is_by_content_and_independent_of_mix(tmp_path: Path) -> None:
@@ -156,29 +129,12 @@ def test_heldout_split_is_by_content_and_independent_of_mix(tmp_path: Path) -> N
     assert train2.height == stats2["rows_train_mixed"]
 
 
-def test_sharegpt_prompt_completion_and_column_mapping() -> None:
-    share = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
-                               {"from": "Observation", "value": "tool out"}, {"from": "bing", "value": "b"}]}
-    assert normalize_row(share) == (
-        _msgs(("system", "s"), ("user", "q"), ("assistant", "a"), ("tool", "tool out"), ("assistant", "b")), None
-    )
-    assert normalize_row({"conversations": [{"from": "narrator", "value": "x"}]}) == ([{"role": "narrator", "content": "x"}], None)
-    assert normalize_row({"conversations": [{"from": "human"}]}) == (None, "normalize_missing_field")
-    assert normalize_row({"prompt": "p", "completion": "c"}) == (_msgs(("user", "p"), ("assistant", "c")), None)
-    assert normalize_row({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}) == (
-        _msgs(("user", "p"), ("assistant", "c")), None
-    )
-    cols = {"user": "question", "assistant": "answer", "system": "sys"}
-    assert normalize_row({"question": "q", "answer": "a", "sys": ""}, "columns", cols) == (_msgs(("user", "q"), ("assistant", "a")), None)
-    assert normalize_row({"question": "q"}, "columns", cols) == (None, "normalize_missing_field")
-
-
 def test_hf_datasets_folder_source(tmp_path: Path) -> None:
     from datasets import Dataset
 
     Dataset.from_list([{"prompt": "hi", "completion": "hello"}, {"prompt": "x", "completion": "y"}]).save_to_disk(str(tmp_path / "ds"))
-    df = read_source(CurateConfig(sources=[{"name": "hf", "path": str(tmp_path / "ds")}]).sources[0])
-    assert df["messages"].to_list()[0] == [{"role": "user", "content": "hi", "train": None}, {"role": "assistant", "content": "hello", "train": None}]
+    df = _read({"name": "hf", "path": str(tmp_path / "ds")})
+    assert row_dicts(df)[0]["messages"] == _msgs(("user", "hi"), ("assistant", "hello"))
 
 
 def test_giant_row_is_quarantined_not_parsed(tmp_path: Path) -> None:
@@ -199,7 +155,7 @@ def test_giant_row_is_quarantined_not_parsed(tmp_path: Path) -> None:
         ("As an AI language model, I cannot have opinions.", "quality_refusal"),
         ("!!! ??? ... ,,, --- !!! ??? ...", "quality_low_alnum"),
         ("ab{}cd<>ef||gh##", "quality_symbols"),
-        ("buy now\nbuy now\nbuy now\nlimited", "quality_duplicate_lines"),
+        ("Buy now, limited offer!\nBuy now, limited offer!\nBuy now, limited offer!\nCall today.", "quality_duplicate_lines"),
         (" ".join(["the cat sat"] * 12), "quality_top_ngram"),
         ("A perfectly ordinary answer with enough words to be judged.", None),
     ],
@@ -244,22 +200,22 @@ def test_unknown_language_code_names_the_key_and_the_fix() -> None:
 
 
 def test_changing_one_weight_reuses_per_source_and_dedup_work(tmp_path: Path) -> None:
-    from sft_engine import stages
     from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
 
     base = [f"work_dir={tmp_path}", "curate.sources=[{name: a, builtin: verifiable_tasks, limit: 300}, {name: b, builtin: chitchat, limit: 100}]"]
-    first = stages.run_curate(load_config(None, base))
+    first = curation.run_curate(load_config(None, base))
     s1 = json.loads((first.path / "stats.json").read_text())
     assert s1["cache"] == {"sources_reused": [], "sources_computed": ["a", "b"], "dedup_reused": False}
-    reweighted = stages.run_curate(load_config(None, [*base, "curate.sources.0.weight=2.0"]))
+    reweighted = curation.run_curate(load_config(None, [*base, "curate.sources.0.weight=2.0"]))
     s2 = json.loads((reweighted.path / "stats.json").read_text())
     assert reweighted.path != first.path and s2["cache"]["dedup_reused"] is True
     assert s2["per_source"]["a"]["mixed_train_rows"] == 2 * s1["per_source"]["a"]["mixed_train_rows"]
     # Changing one source's limit recomputes that source only.
-    changed = stages.run_curate(load_config(None, [*base, "curate.sources.1.limit=90"]))
+    changed = curation.run_curate(load_config(None, [*base, "curate.sources.1.limit=90"]))
     s3 = json.loads((changed.path / "stats.json").read_text())
     assert s3["cache"] == {"sources_reused": ["a"], "sources_computed": ["b"], "dedup_reused": False}
-    assert stages.run_curate(load_config(None, base)).reused
+    assert curation.run_curate(load_config(None, base)).reused
 
 
 def test_mix_targets_caps_and_realized_shares(tmp_path: Path) -> None:
@@ -283,7 +239,7 @@ def test_top_ngram_rule_in_numpy_matches_the_expression() -> None:
     import random
 
     from sft_engine.config import QualityConfig
-    from sft_engine.curate import _top_ngram_rule, top_ngram_exceeds
+    from sft_engine.curation.rules import _top_ngram_rule, top_ngram_exceeds
 
     q = QualityConfig(max_top_ngram_fraction=0.3, repetition_min_words=6)
     texts = [
@@ -316,14 +272,14 @@ def test_stage_files_equal_the_in_memory_curation(tmp_path: Path) -> None:
     # order, repeats from upsampling included.
     from polars.testing import assert_frame_equal
 
-    from sft_engine import stages
     from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
 
     cfg = load_config(None, [
         f"work_dir={tmp_path}", "curate.heldout_fraction=0.1",
         "curate.sources=[{name: a, builtin: verifiable_tasks, limit: 300, weight: 1.5}, {name: b, builtin: chitchat, limit: 100}]",
     ])
-    out = stages.run_curate(cfg)
+    out = curation.run_curate(cfg)
     train, heldout, rejected, stats = curate(cfg.curate, cfg.seed)
     assert train.height == round(1.5 * stats["per_source"]["a"]["kept_train"]) + stats["per_source"]["b"]["kept_train"]
     assert heldout.height > 0 and rejected.height > 0

@@ -1,0 +1,110 @@
+"""Exact and near dedup across every source, and the held-out split.
+
+Each unit stores the row-local halves (``with_dedup_keys``): a blake2b-128 of the folded conversation text and
+its tools (exact dedup), the split bucket (a seeded Polars hash of the folded text), and the near-dedup band
+keys of rows still alive. The global step (``dedup_and_split``) reads only those columns, so it holds a few
+hundred bytes a row, never the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from sft_engine.curation.near_dedup import resolve, sketch
+from sft_engine.curation.schema import KEY
+
+if TYPE_CHECKING:
+    from sft_engine.config import CurateConfig
+
+
+def with_dedup_keys(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.DataFrame:
+    """Add ``_dedup_hash``, ``_split_bucket`` and (near-dedup on) ``_bands`` / ``_has_shingles`` from ``norm_text``.
+
+    Tools count for exact dedup (the same chat against other functions teaches something else) but not for
+    near-dedup: rows of one tool-calling dataset share long schemas, which would make every pair look alike.
+    """
+    tools = df["tools"].list.join("\n").to_list() if "tools" in df.columns else [None] * df.height
+    digests = [
+        None if t is None else hashlib.blake2b((t if tl is None else f"{t}\ntools: {tl}").encode(), digest_size=16).digest()
+        for t, tl in zip(df["norm_text"].to_list(), tools, strict=True)
+    ]
+    df = df.with_columns(
+        _dedup_hash=pl.Series(digests, dtype=pl.Binary),
+        # Seeded, by content: the same rows stay held out whatever the mix.
+        _split_bucket=(pl.col("norm_text").hash(seed=seed) % 10_000).cast(pl.UInt16),
+    )
+    nd = cfg.near_dedup
+    if not nd.enabled:
+        return df
+    alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
+    keys, has = sketch(df["norm_text"].gather(alive), nd.ngram, nd.num_perm, nd.bands, seed)
+    bands = np.zeros((df.height, nd.bands), dtype=np.uint64)
+    bands[alive] = keys
+    has_all = np.zeros(df.height, dtype=bool)
+    has_all[alive] = has
+    return df.with_columns(_bands=pl.Series(bands, dtype=pl.Array(pl.UInt64, nd.bands)), _has_shingles=pl.Series(has_all))
+
+
+def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int, texts_of: Callable[[np.ndarray], pl.Series]) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Mark near-duplicates among surviving rows as ``dedup_near``, with ``dup_of`` = 'source:row' of the kept row.
+
+    Works from the stored band keys; ``texts_of(positions)`` gives the folded text of rows (positions in ``df``)
+    and is asked only for rows in a candidate pair.
+    """
+    nd = cfg.near_dedup
+    alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
+    keys = df["_bands"].gather(alive).to_numpy().reshape(len(alive), nd.bands)
+    has = df["_has_shingles"].gather(alive).to_numpy()
+    res = resolve(keys, has, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, nd.num_perm, seed)
+    head = res.duplicate_of
+    dup_pos, of_pos = alive[head >= 0], alive[head[head >= 0]]
+    labels = df.select(KEY).gather(of_pos).select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series()
+    if len(dup_pos):
+        near_of = pl.repeat(None, df.height, dtype=pl.String, eager=True).scatter(dup_pos, labels)
+        df = df.with_columns(_near_of=near_of).with_columns(
+            drop_reason=pl.when(pl.col("_near_of").is_not_null()).then(pl.lit("dedup_near")).otherwise(pl.col("drop_reason")),
+            dup_of=pl.coalesce(pl.col("_near_of"), pl.col("dup_of")),
+        ).drop("_near_of")
+    info = {
+        "candidates": res.candidates,
+        "verified_pairs": res.verified,
+        "lsh_threshold": res.lsh_threshold,
+        # P(a pair at exactly the threshold becomes a candidate); the decision itself is exact Jaccard >= threshold.
+        "lsh_recall_at_threshold": res.recall_at_threshold,
+        "threshold": nd.threshold,
+        "cluster_sizes": res.cluster_sizes,
+    }
+    return df, info
+
+
+def dedup_and_split(
+    df: pl.DataFrame, cfg: CurateConfig, seed: int = 0, texts_of: Callable[[np.ndarray], pl.Series] | None = None
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Global steps over all checked rows: exact and near dedup, then the held-out split.
+
+    ``df`` needs the marks and ``with_dedup_keys``' columns, not the text: ``texts_of(positions)`` supplies
+    the folded text of the few rows near-dedup verifies (default: ``df['norm_text']``).
+    Returns every input row, in order, with ``drop_reason`` (null = kept), ``dup_of`` and ``split``
+    ('train'/'heldout'), plus the near-dedup report.
+    """
+    if texts_of is None:
+        texts_of = df["norm_text"].gather
+    df = df.with_row_index("_order")
+    if cfg.dedup:
+        alive = pl.col("drop_reason").is_null()
+        # Rank duplicates among surviving rows only, in a stable (source, row) order, so the first copy wins.
+        first = pl.col("_order") == pl.col("_order").filter(alive).min().over("_dedup_hash")
+        df = df.with_columns(drop_reason=pl.when(alive & ~first).then(pl.lit("dedup_exact")).otherwise(pl.col("drop_reason")))
+    df = df.with_columns(dup_of=pl.lit(None, dtype=pl.String))
+    near_info: dict[str, Any] = {}
+    if cfg.near_dedup.enabled:
+        df, near_info = _near_dedup(df, cfg, seed, texts_of)
+    threshold = int(cfg.heldout_fraction * 10_000)
+    # Split by content hash, seeded: fixed whatever the mix, so held-out items never move into training.
+    df = df.with_columns(split=pl.when(pl.col("_split_bucket") < threshold).then(pl.lit("heldout")).otherwise(pl.lit("train")))
+    return df.drop("_order"), near_info

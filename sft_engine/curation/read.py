@@ -1,0 +1,185 @@
+"""The one file reader: JSONL (also gzipped), JSON arrays, Parquet and saved Hugging Face ``datasets`` folders.
+
+Curation, decontamination's eval sets and the evaluation items all read files through here. ``iter_records``
+never fails on a bad row: it yields ``(object, None, preview)`` for a good one and ``(None, reason, preview)``
+for one it cannot parse, so curation can quarantine it. Only a file that cannot be read at all (missing,
+a truncated gzip stream, a JSON document that is not an array of rows) raises ``SourceError``, naming the file.
+
+A JSON array cut short (a truncated download) keeps every complete element before the cut; what follows is one
+``read_truncated`` record whose detail gives the byte offset. A ``.json`` file that is really JSON Lines (one
+object per line, a common mislabel) is read as JSON Lines.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+
+# Raw preview kept for a rejected row, so a curator sees what was wrong without the 10 MB row itself.
+RAW_PREVIEW_CHARS = 500
+
+
+class SourceError(RuntimeError):
+    """A file that cannot be read at all; the message names the file, the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a file: the parsed object, or why it could not be parsed (``reason``) with a ``detail``."""
+
+    obj: Any
+    reason: str | None = None
+    preview: str = ""
+    detail: str | None = None
+
+
+def _preview(raw: bytes | str) -> str:
+    if isinstance(raw, bytes):
+        return raw[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
+    return raw[:RAW_PREVIEW_CHARS]
+
+
+def _jsonl(data: bytes, max_row_bytes: int) -> Iterator[Record]:
+    lines = data.split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # the newline that ends the last row starts no row
+    for line in lines:
+        if not line.strip():
+            continue  # blank lines separate nothing and are not rows
+        if len(line) > max_row_bytes:
+            yield Record(None, "read_row_too_large", _preview(line), f"{len(line):,} bytes > curate.max_row_bytes={max_row_bytes:,}")
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield Record(None, "read_bad_utf8", _preview(line), f"byte {exc.start} of the line is not UTF-8")
+            continue
+        try:
+            yield Record(orjson.loads(text), preview=_preview(line))
+        except orjson.JSONDecodeError as exc:
+            yield Record(None, "read_bad_json", _preview(line), str(exc))
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _json_array_prefix(text: str, path: Path) -> Iterator[Record]:
+    """The complete elements of a JSON array that does not parse whole, then one ``read_truncated`` record."""
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0) + 1  # past '['
+    n = 0
+    while True:
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            rest = text[pos + 1 :].strip()
+            if rest:
+                at = len(text[: pos + 1].encode())
+                yield Record(None, "read_truncated", _preview(rest), f"{len(rest.encode()):,} bytes of trailing data after the array ends at byte {at:,}")
+            return
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            at, total = len(text[:pos].encode()), len(text.encode())
+            yield Record(
+                None, "read_truncated", _preview(text[pos:]),
+                f"{path.name}: the JSON array breaks at byte {at:,} of {total:,} ({exc.msg}); {n:,} complete rows before it were kept",
+            )
+            return
+        yield Record(obj)
+        n += 1
+        pos = _skip_ws(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            at = len(text[:pos].encode())
+            yield Record(None, "read_truncated", _preview(text[pos:]), f"{path.name}: the JSON array breaks at byte {at:,}; {n:,} complete rows before it were kept")
+            return
+
+
+def _json(data: bytes, path: Path, max_row_bytes: int) -> Iterator[Record]:
+    try:
+        arr = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        arr = None
+        text = data.decode("utf-8", errors="replace")
+        start = _skip_ws(text, 0)
+        if start < len(text) and text[start] == "{":
+            yield from _jsonl(data, max_row_bytes)  # JSON Lines under a .json name
+            return
+        if start >= len(text) or text[start] != "[":
+            raise SourceError(f"source file '{path}' is not a JSON array of rows (it starts with {text[start:start + 20]!r}); use .jsonl for one object per line") from None
+        yield from _json_array_prefix(text, path)
+        return
+    if not isinstance(arr, list):
+        raise SourceError(f"source file '{path}' holds a JSON {type(arr).__name__}, expected an array of rows")
+    for obj in arr:
+        yield Record(obj)
+
+
+def _datasets_folder(path: Path) -> Iterator[Record]:
+    from datasets import Dataset, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if not isinstance(ds, Dataset):
+        splits = ", ".join(ds)
+        raise SourceError(f"source folder '{path}' holds a DatasetDict with splits [{splits}]; point the path at one split, e.g. '{path}/{next(iter(ds))}'")
+    for obj in ds:
+        yield Record(obj)
+
+
+def iter_records(path: Path, max_row_bytes: int = 1_000_000) -> Iterator[Record]:
+    """Every row of one file or saved ``datasets`` folder, parsed or quarantined (see the module docstring)."""
+    name = path.name.lower()
+    try:
+        if path.is_dir():
+            yield from _datasets_folder(path)
+            return
+        if name.endswith(".parquet"):
+            for obj in pl.read_parquet(path).to_dicts():
+                yield Record(obj)
+            return
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except SourceError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise SourceError(f"source file '{path}' is truncated or corrupt ({exc}); re-export or re-download it") from exc
+    except (OSError, pl.exceptions.PolarsError, ValueError) as exc:
+        raise SourceError(f"cannot read source '{path}': {exc}") from exc
+    if name.endswith((".json", ".json.gz")):
+        yield from _json(data, path, max_row_bytes)
+    else:
+        yield from _jsonl(data, max_row_bytes)
+
+
+def match_files(pattern: str, what: str) -> list[Path]:
+    """The files a path or glob names, sorted; ``SourceError`` naming ``what`` when there are none."""
+    files = sorted(Path(p) for p in glob.glob(pattern))
+    if not files:
+        raise SourceError(f"{what}: path '{pattern}' matches no file; check the path or glob")
+    return files
+
+
+def read_objects(pattern: str, what: str) -> list[Any]:
+    """Every row of the files a path or glob names, for data that must be whole (evaluation items): a row
+    that does not parse is an error naming the file and the row, not a quarantine."""
+    out = []
+    for path in match_files(pattern, what):
+        for i, rec in enumerate(iter_records(path, max_row_bytes=1 << 62), start=1):
+            if rec.reason is not None:
+                raise SourceError(f"{what}: row {i} of '{path}' cannot be read ({rec.reason}: {rec.detail}); fix or remove it")
+            out.append(rec.obj)
+    return out

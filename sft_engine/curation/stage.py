@@ -1,0 +1,372 @@
+"""The curation stage: cached row-local units, one global step, their cache keys, and the report.
+
+Three cached levels, so a curator changing one source or only the mix redoes only what changed:
+
+    curate_sources/<name>-<key>/  rows.parquet   a source's (or shard's) rows after reading, repairs and the row rules,
+                                                 with the row-local halves of dedup       key: curate.rows fields
+    curate_dedup/<key>/           marks.parquet  one row of marks per input row after exact + near dedup and the split
+                                                 key: the unit keys + curate.dedup fields
+    curate/<key>/                 train.parquet heldout.parquet rejected.parquet stats.json report.md drop_samples/ *.png
+                                                 key: the dedup key + curate.mix fields
+
+Which config fields feed which key is declared at the fields (``config.keyed``); the functions here read it
+through ``config.cache_view``.
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import importlib.metadata
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from sft_engine import __version__, plots
+from sft_engine.config import PipelineConfig, SourceConfig, cache_view, config_to_dict
+from sft_engine.curation.curate import check_rows
+from sft_engine.curation.dedup import dedup_and_split
+from sft_engine.curation.mix import CONTENT_COLUMNS, MARK_COLUMNS, REJECTED_COLUMNS, attach, plan_outputs
+from sft_engine.curation.rules import all_reasons
+from sft_engine.curation.schema import CANONICAL_COLUMNS, KEY, row_dicts
+from sft_engine.curation.sources import read_source, source_files
+from sft_engine.io import (
+    StageOutput,
+    atomic_dir,
+    digest_files,
+    digest_json,
+    digest_path,
+    is_complete,
+    read_json,
+    stage_dir,
+    write_json_atomic,
+)
+
+ROW_GROUP = 8192
+# What a unit folder holds; bumped when its columns change, so old unit folders are never read as new ones.
+UNIT_FORMAT = 3
+DROP_SAMPLES = 20
+
+# ---- keys ---------------------------------------------------------------------------------------
+
+
+def _source_identity(s: SourceConfig, digests: dict[Path, str] | None = None) -> Any:
+    """Content identity of a source: file digests (``digests`` when already computed), or the generator's package version."""
+    if s.builtin == "chitchat":
+        return [s.builtin, importlib.metadata.version("chitchat-dataset")]
+    if s.builtin is not None:
+        return [s.builtin, __version__]
+    if digests is None:
+        digests = {p: digest_path(p) for p in source_files(s)}
+    return [[str(p), d] for p, d in digests.items()]
+
+
+def _eval_sets_identity(cfg: PipelineConfig) -> list[Any]:
+    """Contents of the eval sets decontamination checks against (a changed eval file invalidates the cache)."""
+    out: list[Any] = []
+    for es in cfg.curate.decontaminate.eval_sets:
+        if es.builtin is not None:
+            out.append([es.name, es.builtin, __version__])
+        else:
+            out.append([es.name, [[p, digest_path(Path(p))] for p in sorted(glob.glob(es.path or ""))]])
+    return out
+
+
+def _row_checks(cfg: PipelineConfig) -> dict[str, Any]:
+    """The curate.rows fields but the sources' own (each unit hashes only its source), and what they read."""
+    checks = cache_view(cfg, "curate.rows")
+    checks["curate"].pop("sources")
+    checks["eval_sets_identity"] = _eval_sets_identity(cfg)
+    checks["unit_format"] = UNIT_FORMAT
+    return checks
+
+
+def _source_key(s: SourceConfig, checks: dict[str, Any], digests: dict[Path, str] | None = None) -> str:
+    source = cache_view(s, "curate.rows")
+    return digest_json({"source": source, "identity": _source_identity(s, digests), "checks": checks, "v": __version__})
+
+
+def source_key(cfg: PipelineConfig, s: SourceConfig) -> str:
+    """Key of one source's row-local curation: its content, its reading options, the row checks. Not its weight."""
+    return _source_key(s, _row_checks(cfg))
+
+
+def _shard_key(s: SourceConfig, checks: dict[str, Any], digests: dict[Path, str]) -> str:
+    """Key of one shard's row-local curation: its own files (not the glob, not the other shards), the reading options, the checks."""
+    source = {k: v for k, v in cache_view(s, "curate.rows").items() if k != "path"}
+    shard = [[str(p), d] for p, d in digests.items()]
+    return digest_json({"shard": shard, "source": source, "checks": checks, "v": __version__})
+
+
+def _dedup_key(cfg: PipelineConfig, source_keys: list[str]) -> str:
+    return digest_json({"sources": source_keys, "dedup": cache_view(cfg, "curate.dedup")})
+
+
+def dedup_key(cfg: PipelineConfig) -> str:
+    """Key of the global dedup + split: every source's key and the curate.dedup fields. Not the weights."""
+    checks = _row_checks(cfg)
+    return _dedup_key(cfg, [_source_key(s, checks) for s in cfg.curate.sources])
+
+
+def _curate_key(cfg: PipelineConfig, dedup: str) -> str:
+    return digest_json({"dedup": dedup, "mix": cache_view(cfg, "curate.mix"), "v": __version__})
+
+
+def curate_key(cfg: PipelineConfig) -> str:
+    """Key of the final curated splits: the dedup key plus the curate.mix fields (weights, targets, caps)."""
+    return _curate_key(cfg, dedup_key(cfg))
+
+
+# ---- units and the plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CurateUnit:
+    """Row-local curation work: a whole source, or one shard (a group of files) of a glob source."""
+
+    source: str
+    label: str  # the source's name for a whole source, ``name[i]`` for its i-th shard
+    files: tuple[str, ...] | None  # the shard's files; None = the whole source
+    folder: Path  # curate_sources/<name>-<key>
+
+
+@dataclass(frozen=True)
+class CuratePlan:
+    """Curation's output folders, and the row-local units its global step still needs."""
+
+    out: Path  # curate/<key>: the mixed splits
+    dedup: Path  # curate_dedup/<key>: the marks of every row after global dedup + split (marks.parquet)
+    units: tuple[CurateUnit, ...]  # empty when ``out`` is already complete
+
+
+def plan_curate(cfg: PipelineConfig) -> CuratePlan:
+    """Key every curation level and cut the sources into units of row-local work.
+
+    A source is one unit, except a glob of several files without ``limit``: that is one unit per
+    ``runner.files_per_shard`` files, keyed by those files alone, so adding a shard to the glob leaves
+    the other shards' work cached. Each file is digested once, here.
+    """
+    checks = _row_checks(cfg)
+    source_keys: list[str] = []
+    units: list[CurateUnit] = []
+    for s in cfg.curate.sources:
+        files = source_files(s) if s.path is not None else []
+        digests = {p: digest_path(p) for p in files}
+        source_keys.append(_source_key(s, checks, digests))
+        # `limit` counts rows across the whole source, so a limited source cannot be cut.
+        step = cfg.runner.files_per_shard if s.limit is None else max(1, len(files))
+        groups = [files[i:i + step] for i in range(0, len(files), step)]
+        if len(groups) <= 1:
+            units.append(CurateUnit(s.name, s.name, None, stage_dir(cfg.work_dir, "curate_sources", f"{s.name}-{source_keys[-1]}")))
+            continue
+        for i, group in enumerate(groups):
+            key = _shard_key(s, checks, {p: digests[p] for p in group})
+            folder = stage_dir(cfg.work_dir, "curate_sources", f"{s.name}-{key}")
+            units.append(CurateUnit(s.name, f"{s.name}[{i}]", tuple(str(p) for p in group), folder))
+    dedup = stage_dir(cfg.work_dir, "curate_dedup", _dedup_key(cfg, source_keys))
+    out = stage_dir(cfg.work_dir, "curate", _curate_key(cfg, dedup.name))
+    # The outputs take the conversations from the unit folders, so they are needed unless the outputs exist.
+    return CuratePlan(out, dedup, () if is_complete(out) else tuple(units))
+
+
+def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
+    """Row-local curation of one unit (read, normalize, repair, the row rules) into ``<unit.folder>/rows.parquet``,
+    written atomically; reused when complete.
+
+    Units share nothing, so they may run in any order, at once, in other processes or on other machines
+    (the folder must be on storage they all see).
+    """
+    if is_complete(unit.folder):
+        return StageOutput(unit.folder, reused=True)
+    source = {s.name: s for s in cfg.curate.sources}[unit.source]
+    if unit.files is None:
+        rows = read_source(source, cfg.curate, cfg.seed)
+    else:
+        # Each file through the same reader (as a literal path); rows are numbered within the shard here
+        # and across the whole source by the global step.
+        parts = [read_source(source.model_copy(update={"path": glob.escape(f)}), cfg.curate, cfg.seed) for f in unit.files]
+        rows = pl.concat(parts).with_columns(row=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
+    checked = check_rows(rows, cfg.curate, cfg.seed)
+    with atomic_dir(unit.folder) as tmp:
+        checked.write_parquet(tmp / "rows.parquet")
+    return StageOutput(unit.folder, reused=False)
+
+
+def _unit_rows(plan: CuratePlan, columns: list[str]) -> pl.LazyFrame:
+    """Those columns of every unit's checked rows, in plan order, with each sharded source's rows
+    numbered 1.. across its shards (a shard's rows are numbered within it; row counts come from the
+    Parquet footers). Lazy, so each reader takes only the columns it needs."""
+    offsets: dict[str, int] = {}
+    parts = []
+    for unit in plan.units:
+        path = unit.folder / "rows.parquet"
+        offset = offsets.get(unit.source, 0)
+        parts.append(pl.scan_parquet(path).select(columns).with_columns(row=pl.col("row") + offset))
+        offsets[unit.source] = offset + pl.scan_parquet(path).select(pl.len()).collect().item()
+    return pl.concat(parts)
+
+
+# ---- the report -------------------------------------------------------------------------------------
+
+
+def _drop_samples(rejected_file: Path, folder: Path, seed: int) -> dict[str, int]:
+    """Up to ``DROP_SAMPLES`` rejected rows per reason (seeded), as ``<reason>.jsonl`` with the conversation as
+    stored, plus ``index.html`` showing them: a curator audits a rule in the MLflow UI without writing code."""
+    folder.mkdir()
+    rejected = pl.read_parquet(rejected_file)
+    written: dict[str, int] = {}
+    sections = []
+    doc = {r.name: r.doc for r in all_reasons()}
+    for reason in sorted(set(rejected["drop_reason"].to_list())):
+        rows = rejected.filter(pl.col("drop_reason") == reason)
+        total = rows.height
+        if rows.height > DROP_SAMPLES:
+            rows = rows.sample(DROP_SAMPLES, seed=seed).sort(KEY)
+        records = []
+        for marks, content in zip(rows.drop("messages", "tools", "repairs").to_dicts(), row_dicts(rows), strict=True):
+            records.append({**{k: v for k, v in marks.items() if v is not None}, **content})
+        (folder / f"{reason}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        written[reason] = len(records)
+        items = "".join(
+            f"<tr><td>{html.escape(str(r['source']))}:{r['row']}</td><td>{html.escape(str(r.get('drop_detail') or r.get('dup_of') or r.get('decontam_match') or ''))}</td>"
+            f"<td><pre>{html.escape(_preview(r))}</pre></td></tr>"
+            for r in records
+        )
+        base = reason if reason in doc else "decontam_<set>" if reason.startswith("decontam_") else reason
+        sections.append(
+            f"<h2 id='{html.escape(reason)}'>{html.escape(reason)}: {len(records)} of {total:,} rows</h2>"
+            f"<p>{html.escape(doc.get(base, ''))}</p><table><tr><th>row</th><th>detail</th><th>conversation</th></tr>{items}</table>"
+        )
+    page = (
+        "<html><head><meta charset='utf-8'><style>body{font-family:sans-serif} td{vertical-align:top;border-bottom:1px solid #ddd}"
+        "pre{white-space:pre-wrap;max-width:900px;margin:0}</style></head><body><h1>Rejected rows, sampled per drop reason</h1>"
+        + "".join(sections) + "</body></html>"
+    )
+    (folder / "index.html").write_text(page, encoding="utf-8")
+    return written
+
+
+def _preview(r: dict[str, Any], limit: int = 600) -> str:
+    if r.get("messages"):
+        text = "\n".join(f"{m['role']}: {m.get('content', '')}" + (" [calls]" if m.get("tool_calls") else "") for m in r["messages"])
+    else:
+        text = r.get("raw") or ""
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def report_markdown(stats: dict[str, Any]) -> str:
+    """The curation report: counts that balance, every drop reason with what it means, every repair."""
+    doc = {r.name: r.doc for r in all_reasons()}
+    lines = [
+        "# Curation report", "",
+        (
+            f"rows in **{stats['rows_in']:,}** = kept **{stats['rows_kept']:,}** ({stats['rows_train']:,} train, "
+            f"{stats['rows_heldout']:,} held out) + dropped **{stats['rows_dropped']:,}**; "
+            f"{stats.get('rows_repaired', 0):,} kept rows were repaired; {stats['rows_train_mixed']:,} train rows after mixing."
+        ),
+        "",
+        "| source | rows in | kept | dropped | repaired rows | train after mix |", "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in stats["per_source"].items():
+        repaired = sum(s.get("repaired_by_kind", {}).values())
+        lines.append(f"| {name} | {s['rows_in']:,} | {s['rows_kept']:,} | {s['rows_dropped']:,} | {repaired:,} | {s['mixed_train_rows']:,} |")
+    lines += ["", "## Dropped, by reason", "", "| reason | rows | what it means |", "|---|---:|---|"]
+    for reason, n in stats["dropped_by_reason"].items():
+        base = "decontam_<set>" if reason.startswith("decontam_") else reason
+        lines.append(f"| [`{reason}`](drop_samples/{reason}.jsonl) | {n:,} | {doc.get(base, '')} |")
+    lines += ["", "## Repaired (kept rows), by kind", "", "| repair | rows |", "|---|---:|"]
+    lines += [f"| `repaired_{kind}` | {n:,} |" for kind, n in stats.get("repaired_by_kind", {}).items()] or ["| (none) | 0 |"]
+    lines += ["", "Up to 20 rejected rows per reason are in `drop_samples/<reason>.jsonl`, shown in `drop_samples/index.html`."]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the global step ------------------------------------------------------------------------------
+
+
+def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[StageOutput]) -> StageOutput:
+    """Curation's global step over the finished unit folders: exact and near dedup across every source
+    and shard plus the held-out split (``curate_dedup/``: one row of marks per input row), then mixing,
+    the report and the output files (``curate/``).
+
+    ``units`` are ``run_curate_unit``'s results for ``plan.units``, in plan order, from any runner: the
+    output bytes are the same. Memory: the dedup reads only the marks and the dedup keys the units
+    stored (hashes, band keys), plus the folded text of near-dup candidates; the outputs attach the
+    conversations to the kept keys afterwards, so the corpus is never in memory at once.
+    """
+    if is_complete(plan.out):
+        return StageOutput(plan.out, reused=True)
+    if not plan.units:
+        raise ValueError(f"{plan.out} was complete when curation was planned and is gone now; plan again (plan_curate)")
+    got = [u.path for u in units]
+    if got != [u.folder for u in plan.units] or not all(is_complete(p) for p in got):
+        raise ValueError(
+            f"run_curate_global needs the finished folders of the plan's {len(plan.units)} units in plan order, got {len(got)} "
+            "(run run_curate_unit on each of plan.units, and pass its results in the same order)"
+        )
+    cache: dict[str, Any] = {
+        "sources_reused": [u.label for u, r in zip(plan.units, units, strict=True) if r.reused],
+        "sources_computed": [u.label for u, r in zip(plan.units, units, strict=True) if not r.reused],
+        "dedup_reused": is_complete(plan.dedup),
+    }
+    if not cache["dedup_reused"]:
+        keys = ["_dedup_hash", "_split_bucket"] + (["_bands", "_has_shingles"] if cfg.curate.near_dedup.enabled else [])
+        slim = _unit_rows(plan, ["source", "row", "drop_reason", "decontam_match", "n_chars", "repairs", *keys]).collect()
+
+        def texts_of(positions: np.ndarray) -> pl.Series:
+            # Only rows in a near-dup candidate pair: their folded text, read back from the unit files.
+            want = slim.select(KEY).gather(positions).with_row_index("_want")
+            got = _unit_rows(plan, [*KEY, "norm_text"]).join(want.lazy(), on=KEY, how="inner").collect()
+            return got.sort("_want")["norm_text"]
+
+        marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed, texts_of)
+        marks = marks.select(MARK_COLUMNS)
+        del slim
+        with atomic_dir(plan.dedup) as tmp:
+            marks.write_parquet(tmp / "marks.parquet")
+            write_json_atomic(tmp / "near_dedup.json", near_info)
+        del marks
+    out = plan.out
+    marks = pl.read_parquet(plan.dedup / "marks.parquet")
+    train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
+    stats["cache"] = cache
+    content = _unit_rows(plan, CONTENT_COLUMNS)
+    with atomic_dir(out) as tmp:
+        # Small row groups let preparation stream the splits batch by batch.
+        attach(train, content, CANONICAL_COLUMNS).sink_parquet(tmp / "train.parquet", row_group_size=ROW_GROUP)
+        attach(heldout, content, CANONICAL_COLUMNS).sink_parquet(tmp / "heldout.parquet", row_group_size=ROW_GROUP)
+        attach(rejected, content, REJECTED_COLUMNS).sink_parquet(tmp / "rejected.parquet")
+        stats["drop_samples"] = _drop_samples(tmp / "rejected.parquet", tmp / "drop_samples", cfg.seed)
+        write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
+        plots.overlaid_histograms(
+            {
+                "read": marks["n_chars"].drop_nulls().to_list(),
+                "kept": marks.filter(pl.col("drop_reason").is_null())["n_chars"].to_list(),
+            },
+            tmp / "lengths_before_after.png", "Conversation length before and after curation", "characters",
+        )
+        plots.bar_counts(stats["dropped_by_reason"], tmp / "drop_reasons.png", "Rows dropped by reason")
+        plots.bar_counts(
+            {name: st["mixed_train_rows"] for name, st in stats["per_source"].items()}, tmp / "source_share.png",
+            "Train rows per source after mixing",
+        )
+        stats["digest"] = digest_files([tmp / "train.parquet", tmp / "heldout.parquet"])
+        write_json_atomic(tmp / "stats.json", stats)
+        (tmp / "report.md").write_text(report_markdown(stats), encoding="utf-8")
+        if stats.get("near_dedup", {}).get("cluster_sizes"):
+            plots.histogram(stats["near_dedup"]["cluster_sizes"], tmp / "near_dup_clusters.png", "Near-duplicate clusters", "rows per cluster")
+    return StageOutput(out, reused=False)
+
+
+def run_curate(cfg: PipelineConfig) -> StageOutput:
+    """Curate the configured sources into train/heldout/rejected Parquet files, stats and a report.
+
+    Here the units run one after another; the curate flow can map them over threads, Dask or Ray instead
+    (same folders, same bytes).
+    """
+    plan = plan_curate(cfg)
+    return run_curate_global(cfg, plan, [run_curate_unit(cfg, u) for u in plan.units])
