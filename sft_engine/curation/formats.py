@@ -33,6 +33,12 @@ ROLE_ALIASES = {
     "system": "system",
     "tool": "tool", "function": "tool", "function_response": "tool", "observation": "tool", "ipython": "tool",
 }
+# Speaker names as written -> role, for turns that need nothing but the mapping (tool replies and calls do).
+_PLAIN_ROLES = {
+    spelled: role
+    for name, role in ROLE_ALIASES.items() if role != "tool"
+    for spelled in (name, name.capitalize(), name.upper())
+}
 # ShareGPT turns whose value is a call, not text (LLaMA-Factory, glaive-style tool data).
 CALL_SPEAKERS = {"function_call", "tool_call", "tool_calls"}
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
@@ -155,6 +161,15 @@ def parse_turns(turns: Any, where: str = "messages") -> list[Row]:
     last_calls: list[Row] = []
     replies = 0
     for i, t in enumerate(turns):
+        # The common turn, {role, content} or {from, value} with plain strings, skips the general path (reading is
+        # the per-row Python step of curation; this is most of its time).
+        if type(t) is dict and len(t) == 2:
+            speaker, text = (t.get("role"), t.get("content")) if "role" in t else (t.get("from"), t.get("value"))
+            if type(speaker) is str and type(text) is str:
+                role = _PLAIN_ROLES.get(speaker)
+                if role is not None:
+                    out.append({"role": role, "content": text})
+                    continue
         at = f"{where}[{i}]"
         if not isinstance(t, dict):
             raise Drop("normalize_missing_field", f"{at} is {_type_name(t)}, expected an object")

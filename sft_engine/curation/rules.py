@@ -118,15 +118,20 @@ def duplicate_lines_exceed(texts: pl.Series, q: QualityConfig) -> pl.Series:
     """Per text: more than ``max_duplicate_line_fraction`` of its substantive lines (at least
     ``line_min_alnum`` letters or digits, whitespace-stripped) are repeats, among at least two such lines."""
     assert q.max_duplicate_line_fraction is not None
+    out = np.zeros(len(texts), dtype=bool)
+    multi = np.flatnonzero(texts.str.contains("\n", literal=True).fill_null(False).to_numpy())  # one line cannot repeat
+    if not len(multi):
+        return pl.Series(out)
     lines = (
-        texts.str.split("\n")
+        texts.gather(multi).str.split("\n")
         .list.eval(pl.element().str.strip_chars())
         .list.eval(pl.element().filter(pl.element().str.count_matches(r"[\p{L}\p{N}]") >= q.line_min_alnum))
     )
     frame = pl.DataFrame({"l": lines})
     n = pl.col("l").list.len()
     dup = 1 - pl.col("l").list.n_unique() / n
-    return frame.select(((n > 1) & (dup > q.max_duplicate_line_fraction)).fill_null(False)).to_series()
+    out[multi] = frame.select(((n > 1) & (dup > q.max_duplicate_line_fraction)).fill_null(False)).to_series().to_numpy()
+    return pl.Series(out)
 
 
 def _top_ngram_rule(text: pl.Expr, q: QualityConfig) -> pl.Expr:

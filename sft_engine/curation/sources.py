@@ -13,7 +13,7 @@ from sft_engine.curation.formats import normalize_row
 from sft_engine.curation.read import RAW_PREVIEW_CHARS, Record, iter_records, match_files
 from sft_engine.curation.reasons import Drop
 from sft_engine.curation.repair import repair_messages
-from sft_engine.curation.schema import READ
+from sft_engine.curation.schema import READ, rows_frame
 from sft_engine.demo_data import builtin_rows
 
 if TYPE_CHECKING:
@@ -55,4 +55,4 @@ def read_source(source: SourceConfig, cfg: CurateConfig, seed: int = 0) -> pl.Da
         records.append(row)
         if source.limit is not None and len(records) >= source.limit:
             break
-    return pl.DataFrame(records, schema=READ)
+    return rows_frame(records, READ)
