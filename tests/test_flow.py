@@ -77,7 +77,11 @@ def test_pipeline_flow_end_to_end_and_rerun_reuses_stages(prefect_server, tiny_m
     assert parent.data.metrics["eval/tasks.exact_match/tuned"] == ev["eval/tasks.exact_match/tuned"]
 
     artifacts = {a.path for a in client.list_artifacts(by_stage["curate"].info.run_id)}
-    assert {"stats.json", "drop_reasons.png", "config.json", "lengths_before_after.png", "source_share.png"} <= artifacts
+    assert {"stats.json", "drop_reasons.png", "config.json", "lengths_before_after.png", "source_share.png", "report.md", "drop_samples"} <= artifacts
+    # The sampled rejected rows per reason, and the page showing them, are in the curate run.
+    samples = {a.path for a in client.list_artifacts(by_stage["curate"].info.run_id, "drop_samples")}
+    reasons = json.loads((Path(result["curated"]) / "stats.json").read_text())["dropped_by_reason"]
+    assert samples == {f"drop_samples/{r}.jsonl" for r in reasons} | {"drop_samples/index.html"}
     curated_stats = json.loads((Path(result["curated"]) / "stats.json").read_text())
     inputs = client.get_run(by_stage["curate"].info.run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("curated", curated_stats["digest"][:36])]

@@ -34,12 +34,18 @@ class SourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class Record:
-    """One row of a file: the parsed object, or why it could not be parsed (``reason``) with a ``detail``."""
+    """One row of a file: the parsed object, or why it could not be parsed (``reason``) with a ``detail``;
+    ``raw`` is the row's bytes (JSON Lines) or text, kept for a preview when the row is quarantined."""
 
     obj: Any
     reason: str | None = None
-    preview: str = ""
+    raw: bytes | str = b""
     detail: str | None = None
+
+    @property
+    def preview(self) -> str:
+        """The first 500 characters of the raw row (decoded only when asked: most rows never are)."""
+        return _preview(self.raw)
 
 
 def _preview(raw: bytes | str) -> str:
@@ -49,24 +55,22 @@ def _preview(raw: bytes | str) -> str:
 
 
 def _jsonl(data: bytes, max_row_bytes: int) -> Iterator[Record]:
-    lines = data.split(b"\n")
-    if lines and not lines[-1].strip():
-        lines.pop()  # the newline that ends the last row starts no row
-    for line in lines:
-        if not line.strip():
-            continue  # blank lines separate nothing and are not rows
+    for line in data.split(b"\n"):
+        if not line or line.isspace():
+            continue  # blank lines (and the newline ending the last row) separate rows, they are not rows
         if len(line) > max_row_bytes:
-            yield Record(None, "read_row_too_large", _preview(line), f"{len(line):,} bytes > curate.max_row_bytes={max_row_bytes:,}")
+            yield Record(None, "read_row_too_large", line[:RAW_PREVIEW_CHARS], f"{len(line):,} bytes > curate.max_row_bytes={max_row_bytes:,}")
             continue
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield Record(None, "read_bad_utf8", _preview(line), f"byte {exc.start} of the line is not UTF-8")
-            continue
-        try:
-            yield Record(orjson.loads(text), preview=_preview(line))
+            # orjson reads the bytes and checks them as UTF-8 itself; only a failure is looked at more closely.
+            yield Record(orjson.loads(line), raw=line)
         except orjson.JSONDecodeError as exc:
-            yield Record(None, "read_bad_json", _preview(line), str(exc))
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                yield Record(None, "read_bad_utf8", line, f"byte {bad.start} of the line is not UTF-8")
+                continue
+            yield Record(None, "read_bad_json", line, str(exc))
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -86,14 +90,14 @@ def _json_array_prefix(text: str, path: Path) -> Iterator[Record]:
             rest = text[pos + 1 :].strip()
             if rest:
                 at = len(text[: pos + 1].encode())
-                yield Record(None, "read_truncated", _preview(rest), f"{len(rest.encode()):,} bytes of trailing data after the array ends at byte {at:,}")
+                yield Record(None, "read_truncated", rest, f"{len(rest.encode()):,} bytes of trailing data after the array ends at byte {at:,}")
             return
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             at, total = len(text[:pos].encode()), len(text.encode())
             yield Record(
-                None, "read_truncated", _preview(text[pos:]),
+                None, "read_truncated", text[pos : pos + RAW_PREVIEW_CHARS],
                 f"{path.name}: the JSON array breaks at byte {at:,} of {total:,} ({exc.msg}); {n:,} complete rows before it were kept",
             )
             return
@@ -104,7 +108,7 @@ def _json_array_prefix(text: str, path: Path) -> Iterator[Record]:
             pos += 1
         elif pos >= len(text) or text[pos] != "]":
             at = len(text[:pos].encode())
-            yield Record(None, "read_truncated", _preview(text[pos:]), f"{path.name}: the JSON array breaks at byte {at:,}; {n:,} complete rows before it were kept")
+            yield Record(None, "read_truncated", text[pos : pos + RAW_PREVIEW_CHARS], f"{path.name}: the JSON array breaks at byte {at:,}; {n:,} complete rows before it were kept")
             return
 
 

@@ -23,7 +23,7 @@ import polars as pl
 
 from sft_engine.constants import ROLES
 from sft_engine.curation.reasons import DEDUP, NORMALIZE, READ, REPAIR, Reason
-from sft_engine.curation.schema import conversation_text, message_texts
+from sft_engine.curation.schema import conversation_text, message_texts, present_fields
 
 if TYPE_CHECKING:
     from sft_engine.config import CurateConfig, QualityConfig
@@ -67,9 +67,10 @@ def _assistant(field: str) -> pl.Expr:
     return pl.col("messages").list.eval(pl.element().filter(_role() == "assistant").struct.field(field))
 
 
-def with_text_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
+def with_text_columns(df: pl.DataFrame) -> pl.LazyFrame:
     """``n_turns``, ``n_chars`` (content, reasoning and call arguments), the dedup key ``norm_text`` (every message
     with its reasoning and calls, case- and whitespace-folded), and the private columns the rules read."""
+    present = present_fields(df)
     el = pl.element().struct
     before_user = (_role() == "user").cum_sum() == 0
     codes = pl.col("messages").list.eval(
@@ -80,11 +81,13 @@ def with_text_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
     empty = pl.col("messages").list.eval(
         (el.field("content").str.strip_chars().str.len_chars() == 0) & (el.field("tool_calls").list.len().fill_null(0) == 0)
     )
-    prose = pl.concat_list([_assistant("content"), _assistant("reasoning_content").list.drop_nulls()])
-    return lf.with_columns(
+    prose = _assistant("content")
+    if "reasoning_content" in present:
+        prose = pl.concat_list([prose, _assistant("reasoning_content").list.drop_nulls()])
+    return df.lazy().with_columns(
         n_turns=pl.col("messages").list.len(),
-        n_chars=message_texts().list.eval(pl.element().str.len_chars()).list.sum(),
-        norm_text=conversation_text().str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars(),
+        n_chars=message_texts(present).list.eval(pl.element().str.len_chars()).list.sum(),
+        norm_text=conversation_text(present).str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars(),
         _roles=pl.col("messages").list.eval(_role()),
         _order=codes.list.join(""),
         _empty=empty.list.any(),
@@ -202,7 +205,8 @@ def _language_helper(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
     from sft_engine.langid import detect_languages
 
     # Detection is per row in Python: only rows still alive are classified.
-    alive = df.select(pl.when(pl.col("drop_reason").is_null()).then(message_texts().list.join("\n"))).to_series()
+    text = message_texts(present_fields(df)).list.join("\n")
+    alive = df.select(pl.when(pl.col("drop_reason").is_null()).then(text)).to_series()
     return df.with_columns(_q_lang=detect_languages(alive))
 
 
@@ -210,7 +214,7 @@ def _decontam_helper(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
     from sft_engine.curation.decontam import find_contamination
 
     # Every row is matched, not only the alive ones: the report names each overlap, whatever else dropped the row.
-    texts = df.select(message_texts().list.join("\n").fill_null("")).to_series()
+    texts = df.select(message_texts(present_fields(df)).list.join("\n").fill_null("")).to_series()
     return df.with_columns(decontam_match=pl.Series(find_contamination(texts, cfg.decontaminate), dtype=pl.String))
 
 
@@ -288,7 +292,7 @@ def apply_rules(df: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
     Consecutive expression rules run as one when/then chain; a rule with a helper first collects the frame and
     has its helper compute, on the rows alive at that point, the columns it reads.
     """
-    lf = with_text_columns(df.lazy())
+    lf = with_text_columns(df)
     if "decontam_match" not in df.columns:
         lf = lf.with_columns(decontam_match=pl.lit(None, dtype=pl.String))
     pending: list[tuple[pl.Expr, pl.Expr]] = []

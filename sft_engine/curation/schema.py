@@ -89,33 +89,48 @@ def dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
+def _nested(lists: list[list[Any] | None], values: pl.Series, name: str) -> pl.Series:
+    """A list column from the flat ``values`` of ``lists`` (None: a null row), built from offsets."""
+    offsets = [0]
+    for x in lists:
+        offsets.append(offsets[-1] + (len(x) if x else 0))
+    inner = values.to_arrow()
+    if isinstance(inner, pa.ChunkedArray):
+        inner = inner.combine_chunks()
+    mask = pa.array([x is None for x in lists], pa.bool_())
+    return pl.Series(name, pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), inner, mask=mask))
+
+
 def messages_series(conversations: list[list[dict[str, Any]] | None], name: str = "messages") -> pl.Series:
     """Canonical message lists (None: a row that has none) as one ``list[MESSAGE]`` column.
 
-    Built column by column from the flat messages and their offsets: Polars' row-wise construction from nested
-    dicts is ~15x slower, and reading is the one per-row step of curation that cannot avoid Python.
+    Built column by column from the flat messages and their offsets, fields no message has as nulls: Polars'
+    row-wise construction from nested dicts is ~15x slower, and reading is the one per-row step of curation that
+    cannot avoid Python.
     """
     flat = [m for c in conversations if c for m in c]
-    offsets = [0]
-    for c in conversations:
-        offsets.append(offsets[-1] + (len(c) if c else 0))
+    present = set().union(*flat) if flat else set()
     dtypes = MESSAGE.to_schema()
-    fields = pl.DataFrame([pl.Series(f, [m.get(f) for m in flat], dtype=dtypes[f]) for f in MESSAGE_FIELDS])
-    struct = fields.to_struct(name).to_arrow()
-    if isinstance(struct, pa.ChunkedArray):
-        struct = struct.combine_chunks()
-    mask = pa.array([c is None for c in conversations], pa.bool_())
-    return pl.Series(name, pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), struct, mask=mask))
+    fields = pl.DataFrame([
+        pl.Series(f, [m.get(f) for m in flat], dtype=dtypes[f]) if f in present
+        else pl.repeat(None, len(flat), dtype=dtypes[f], eager=True).alias(f)
+        for f in MESSAGE_FIELDS
+    ])
+    return _nested(conversations, fields.to_struct(name), name)
+
+
+def _column(records: list[dict[str, Any]], name: str, dtype: pl.DataType) -> pl.Series:
+    values = [r.get(name) for r in records]
+    if name == "messages":
+        return messages_series(values, name)
+    if isinstance(dtype, pl.List):
+        return _nested(values, pl.Series(name, [x for v in values if v for x in v], dtype=dtype.inner), name)
+    return pl.Series(name, values, dtype=dtype)
 
 
 def rows_frame(records: list[dict[str, Any]], schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
     """Canonical rows (Python dicts, null fields left out) as a frame of ``schema`` (default: the canonical columns)."""
-    schema = schema or CANONICAL
-    return pl.DataFrame([
-        messages_series([r.get(name) for r in records], name) if name == "messages"
-        else pl.Series(name, [r.get(name) for r in records], dtype=dtype)
-        for name, dtype in schema.items()
-    ])
+    return pl.DataFrame([_column(records, name, dtype) for name, dtype in (schema or CANONICAL).items()])
 
 
 def empty_rows(schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
@@ -164,36 +179,47 @@ def template_tools(tools: list[str] | None) -> list[dict[str, Any]] | None:
     return [orjson.loads(t) for t in tools] if tools else None
 
 
-def _message_line() -> pl.Expr:
-    """One message as text: 'role: content', then its reasoning and its calls on their own lines when present.
-    A plain message gives exactly 'role: content'."""
+def present_fields(df: pl.DataFrame) -> set[str]:
+    """Which optional message fields (``reasoning_content``, ``tool_calls``) any row of ``df`` has: the text
+    expressions leave out the parts no row needs, which halves their cost on plain chats."""
     el = pl.element().struct
-    calls = el.field("tool_calls").list.eval(
-        pl.element().struct.field("function").struct.field("name") + pl.lit("(")
-        + pl.element().struct.field("function").struct.field("arguments") + pl.lit(")")
-    ).list.join(" ")
-    return pl.concat_str([
-        el.field("role") + pl.lit(": ") + el.field("content"),
-        pl.concat_str([pl.lit("\nreasoning: "), el.field("reasoning_content")]).fill_null(""),
-        pl.when(el.field("tool_calls").list.len() > 0).then(pl.lit("\ncalls: ") + calls).otherwise(pl.lit("")),
-    ])
+    found = df.select(
+        reasoning_content=pl.col("messages").list.eval(el.field("reasoning_content").is_not_null()).list.any().any(),
+        tool_calls=pl.col("messages").list.eval(el.field("tool_calls").list.len() > 0).list.any().any(),
+    ).row(0, named=True)
+    return {k for k, v in found.items() if v}
 
 
-def conversation_text() -> pl.Expr:
-    """Every message as text, one per line: what dedup, near-dedup and the length limits see. Two rows that
-    differ only in a tool call or in reasoning differ here."""
-    return pl.col("messages").list.eval(_message_line()).list.join("\n")
+ALL_FIELDS = frozenset({"reasoning_content", "tool_calls"})
 
 
-def message_texts() -> pl.Expr:
+def _with_optional(head: pl.Expr, present: frozenset[str] | set[str], reasoning_prefix: str, calls_prefix: str, calls: pl.Expr) -> pl.Expr:
+    """``head`` of one message, then its reasoning and its calls after their prefixes, for the fields in ``present``."""
+    el = pl.element().struct
+    pieces = [head]
+    if "reasoning_content" in present:
+        pieces.append(pl.concat_str([pl.lit(reasoning_prefix), el.field("reasoning_content")]).fill_null(""))
+    if "tool_calls" in present:
+        pieces.append(pl.when(el.field("tool_calls").list.len() > 0).then(pl.lit(calls_prefix) + calls).otherwise(pl.lit("")))
+    return pl.concat_str(pieces) if len(pieces) > 1 else head
+
+
+def conversation_text(present: frozenset[str] | set[str] = ALL_FIELDS) -> pl.Expr:
+    """Every message as text, one per line: 'role: content', then its reasoning and its calls on their own lines
+    when present (what dedup and near-dedup see; two rows that differ only in a tool call or in reasoning differ
+    here). A plain message gives exactly 'role: content'. ``present``: the optional fields to include
+    (``present_fields``); leaving out one no row has changes nothing but the cost."""
+    el = pl.element().struct
+    fn = pl.element().struct.field("function").struct
+    calls = el.field("tool_calls").list.eval(fn.field("name") + pl.lit("(") + fn.field("arguments") + pl.lit(")")).list.join(" ")
+    line = _with_optional(el.field("role") + pl.lit(": ") + el.field("content"), present, "\nreasoning: ", "\ncalls: ", calls)
+    return pl.col("messages").list.eval(line).list.join("\n")
+
+
+def message_texts(present: frozenset[str] | set[str] = ALL_FIELDS) -> pl.Expr:
     """Per message, the text a person wrote or the model produced: content, reasoning and call arguments
     (what decontamination and the length limits count)."""
     el = pl.element().struct
     args = el.field("tool_calls").list.eval(pl.element().struct.field("function").struct.field("arguments")).list.join(" ")
-    return pl.col("messages").list.eval(
-        pl.concat_str([
-            el.field("content"),
-            pl.concat_str([pl.lit("\n"), el.field("reasoning_content")]).fill_null(""),
-            pl.when(el.field("tool_calls").list.len() > 0).then(pl.lit("\n") + args).otherwise(pl.lit("")),
-        ])
-    )
+    text = _with_optional(el.field("content"), present, "\n", "\n", args)
+    return pl.col("messages").list.eval(text)

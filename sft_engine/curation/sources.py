@@ -40,7 +40,7 @@ def read_source(source: SourceConfig, cfg: CurateConfig, seed: int = 0) -> pl.Da
     records: list[dict[str, Any]] = []
     for rec in _records(source, cfg.max_row_bytes, seed):
         row: dict[str, Any] = {"source": source.name, "row": len(records) + 1}
-        reason, detail, raw = rec.reason, rec.detail, rec.preview
+        reason, detail = rec.reason, rec.detail
         if reason is None:
             try:
                 canonical = normalize_row(rec.obj, source.format, source.columns)
@@ -48,9 +48,9 @@ def read_source(source: SourceConfig, cfg: CurateConfig, seed: int = 0) -> pl.Da
                 row.update(messages=messages, tools=canonical["tools"], repairs=repairs)
             except Drop as drop:
                 reason, detail = drop.reason, drop.detail
-                raw = raw or orjson.dumps(rec.obj, default=str)[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
         if reason is not None:
             # Only rows that failed to read or normalize keep a preview: the others are shown by their messages.
+            raw = rec.preview or orjson.dumps(rec.obj, default=str)[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
             row.update(drop_reason=reason, drop_detail=detail, raw=raw or None)
         records.append(row)
         if source.limit is not None and len(records) >= source.limit:

@@ -39,3 +39,12 @@ def test_conversation_text_sees_reasoning_and_calls_and_is_unchanged_for_plain_c
     assert texts[0].splitlines()[2:5] == [
         "assistant: ", "reasoning: Call the tool.", 'calls: get_weather({"city":"Paris"}) get_weather({})',
     ]
+
+
+def test_text_without_the_fields_no_row_has_is_the_same_text() -> None:
+    from sft_engine.curation.schema import message_texts, present_fields
+
+    plain, full = rows_frame([PLAIN]), rows_frame([FULL, PLAIN])
+    assert present_fields(plain) == set() and present_fields(full) == {"reasoning_content", "tool_calls"}
+    assert plain.select(conversation_text(set())).equals(plain.select(conversation_text()))
+    assert plain.select(message_texts(set())).equals(plain.select(message_texts()))
