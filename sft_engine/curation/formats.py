@@ -168,7 +168,8 @@ def parse_turns(turns: Any, where: str = "messages") -> list[Row]:
             if type(speaker) is str and type(text) is str:
                 role = _PLAIN_ROLES.get(speaker)
                 if role is not None:
-                    out.append({"role": role, "content": text})
+                    # Already canonical: the row's own dict (never mutated downstream) saves an allocation.
+                    out.append(t if role == speaker and "role" in t else {"role": role, "content": text})
                     continue
         at = f"{where}[{i}]"
         if not isinstance(t, dict):
@@ -266,10 +267,11 @@ def _with_system(messages: list[Row], system: Any, where: str = "system") -> lis
 
 
 def _row_tools(obj: Row) -> list[str] | None:
-    for key in ("tools", "functions"):
-        if obj.get(key) is not None:
-            return parse_tools(obj[key], key)
-    return None
+    tools = obj.get("tools")
+    if tools is not None:
+        return parse_tools(tools, "tools")
+    functions = obj.get("functions")
+    return None if functions is None else parse_tools(functions, "functions")
 
 
 def _require(obj: Row, *keys: str) -> None:
@@ -281,14 +283,20 @@ def _require(obj: Row, *keys: str) -> None:
 # ---- formats ----------------------------------------------------------------------------------
 
 
+def _turn_list(obj: Row, key: str) -> Row:
+    if key not in obj:
+        raise Drop("normalize_missing_field", f"no '{key}'")
+    messages = parse_turns(obj[key], key)
+    system = obj.get("system")
+    return {"messages": messages if system is None else _with_system(messages, system), "tools": _row_tools(obj)}
+
+
 def _messages(obj: Row, _columns: dict[str, str] | None) -> Row:
-    _require(obj, "messages")
-    return {"messages": _with_system(parse_turns(obj["messages"]), obj.get("system")), "tools": _row_tools(obj)}
+    return _turn_list(obj, "messages")
 
 
 def _sharegpt(obj: Row, _columns: dict[str, str] | None) -> Row:
-    _require(obj, "conversations")
-    return {"messages": _with_system(parse_turns(obj["conversations"], "conversations"), obj.get("system")), "tools": _row_tools(obj)}
+    return _turn_list(obj, "conversations")
 
 
 def _str_field(obj: Row, key: str, default: str | None = None) -> str:
@@ -400,11 +408,15 @@ FORMATS: dict[str, Format] = {
     ]
 }
 FORMAT_NAMES: tuple[str, ...] = ("auto", *FORMATS)
+_DETECTABLE = tuple(f for f in FORMATS.values() if f.detect is not None)
 
 
 def detect_format(obj: Row) -> Format | None:
     """The first registered format whose ``detect`` accepts the row."""
-    return next((f for f in FORMATS.values() if f.detect is not None and f.detect(obj)), None)
+    for f in _DETECTABLE:
+        if f.detect(obj):  # type: ignore[misc] # _DETECTABLE holds formats with a detect
+            return f
+    return None
 
 
 def normalize_row(obj: Any, fmt: str = "auto", columns: dict[str, str] | None = None) -> Row:

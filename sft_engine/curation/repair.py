@@ -27,17 +27,28 @@ if TYPE_CHECKING:
 REPAIR_KINDS = ("leading_assistant_removed", "leading_assistant_as_context", "merged_consecutive_user", "trailing_user_removed")
 
 
-def _well_formed(roles: list[str]) -> bool:
-    """Nothing to repair: the first turn after the system prompt is the user's, and no two user turns touch."""
-    first = next((r for r in roles if r != "system"), None)
-    return first == "user" and not any(a == b == "user" for a, b in pairwise(roles))
+def _well_formed(messages: list[dict[str, Any]]) -> bool:
+    """Nothing to repair: after the system prompt the user speaks first, no two user turns touch, and the
+    assistant speaks last. One pass, no allocation: this runs on every row."""
+    prev = None
+    for m in messages:
+        role = m["role"]
+        if prev is None and role != "system":
+            if role != "user":
+                return False
+            prev = role
+        elif role == "user" and prev == "user":
+            return False
+        elif prev is not None:
+            prev = role
+    return prev is not None and messages[-1]["role"] == "assistant"
 
 
 def repair_messages(messages: list[dict[str, Any]], cfg: RepairConfig) -> tuple[list[dict[str, Any]], list[str]]:
     """The repaired messages and the kinds of repair applied, in order; raises ``Drop`` for a ``drop_row`` policy."""
-    roles = [m["role"] for m in messages]
-    if roles and roles[-1] == "assistant" and "user" in roles and _well_formed(roles):
+    if _well_formed(messages):
         return messages, []
+    roles = [m["role"] for m in messages]
     done: list[str] = []
     system = 0
     while system < len(roles) and roles[system] == "system":
