@@ -283,12 +283,35 @@ def _require(obj: Row, *keys: str) -> None:
 # ---- formats ----------------------------------------------------------------------------------
 
 
+def _template_kwargs(obj: Row) -> str | None:
+    """A row's own chat_template_kwargs (an object, or a JSON string of one), stored as JSON text."""
+    kw = obj.get("chat_template_kwargs")
+    if kw is None:
+        return None
+    if isinstance(kw, str):
+        try:
+            kw = orjson.loads(kw) if kw.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise Drop("normalize_bad_type", f"chat_template_kwargs: not JSON ({exc})") from None
+    if not isinstance(kw, dict):
+        raise Drop("normalize_bad_type", f"chat_template_kwargs is {_type_name(kw)}, expected an object")
+    return dumps(kw) if kw else None
+
+
+def _row(obj: Row, messages: list[Row]) -> Row:
+    """The canonical row: the messages, and what every format may carry at row level (tools, template kwargs)."""
+    out: Row = {"messages": messages, "tools": _row_tools(obj)}
+    if "chat_template_kwargs" in obj:
+        out["chat_template_kwargs"] = _template_kwargs(obj)
+    return out
+
+
 def _turn_list(obj: Row, key: str) -> Row:
     if key not in obj:
         raise Drop("normalize_missing_field", f"no '{key}'")
     messages = parse_turns(obj[key], key)
     system = obj.get("system")
-    return {"messages": messages if system is None else _with_system(messages, system), "tools": _row_tools(obj)}
+    return _row(obj, messages if system is None else _with_system(messages, system))
 
 
 def _messages(obj: Row, _columns: dict[str, str] | None) -> Row:
@@ -321,7 +344,7 @@ def _alpaca(obj: Row, _columns: dict[str, str] | None) -> Row:
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    return {"messages": _with_system(messages, obj.get("system")), "tools": _row_tools(obj)}
+    return _row(obj, _with_system(messages, obj.get("system")))
 
 
 def _prompt_completion(obj: Row, _columns: dict[str, str] | None) -> Row:
@@ -330,7 +353,7 @@ def _prompt_completion(obj: Row, _columns: dict[str, str] | None) -> Row:
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = obj[key]
         parts.append([{"role": role, "content": value}] if isinstance(value, str) else parse_turns(value, key))
-    return {"messages": _with_system(parts[0] + parts[1], obj.get("system")), "tools": _row_tools(obj)}
+    return _row(obj, _with_system(parts[0] + parts[1], obj.get("system")))
 
 
 # Canonical fields a column mapping may name, in the order they form a conversation.

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 # What the global steps keep of each row besides its text.
 MARK_COLUMNS = ["source", "row", "drop_reason", "dup_of", "split", "decontam_match", "n_chars", "repairs"]
-REJECTED_COLUMNS = ["source", "row", "drop_reason", "drop_detail", "dup_of", "decontam_match", "repairs", "raw", "messages", "tools"]
+REJECTED_COLUMNS = ["source", "row", "drop_reason", "drop_detail", "dup_of", "decontam_match", "repairs", "raw", "messages", "tools",
+                    "chat_template_kwargs"]
 
 
 def mix_train(kept: pl.DataFrame, sources: list[SourceConfig], seed: int) -> pl.DataFrame:
@@ -122,7 +123,7 @@ def attach(keys: pl.DataFrame | pl.LazyFrame, content: pl.LazyFrame, columns: li
 
 
 # What the unit files hold besides the marks, for attaching to the output keys.
-CONTENT_COLUMNS = [*KEY, "messages", "tools", "repairs", "drop_detail", "raw"]
+CONTENT_COLUMNS = [*KEY, "messages", "tools", "chat_template_kwargs", "repairs", "drop_detail", "raw"]
 
 
 def finalize(

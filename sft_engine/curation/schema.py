@@ -8,6 +8,7 @@ A row::
     messages: list[MESSAGE]
     tools: list[str] | null     function definitions the conversation may call, each a JSON object in the
                                 OpenAI shape {"type": "function", "function": {"name", "description", "parameters"}}
+    chat_template_kwargs: str | null   a JSON object of template variables for this row (e.g. {"enable_thinking": false})
     repairs: list[str]          what curation repaired in this row (see ``repair``); [] when nothing
 
     MESSAGE = struct {
@@ -70,7 +71,10 @@ MESSAGE = pl.Struct({
 MESSAGE_FIELDS = tuple(MESSAGE.to_schema())
 
 # The canonical columns of a row, in order, as the curated train/heldout Parquet files hold them.
-CANONICAL = {"source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "tools": pl.List(pl.String), "repairs": pl.List(pl.String)}
+CANONICAL = {
+    "source": pl.String, "row": pl.Int64, "messages": pl.List(MESSAGE), "tools": pl.List(pl.String),
+    "chat_template_kwargs": pl.String, "repairs": pl.List(pl.String),
+}
 CANONICAL_COLUMNS = list(CANONICAL)
 KEY = ["source", "row"]
 

@@ -45,7 +45,7 @@ def read_source(source: SourceConfig, cfg: CurateConfig, seed: int = 0) -> pl.Da
             try:
                 canonical = normalize_row(rec.obj, source.format, source.columns)
                 messages, repairs = repair_messages(canonical["messages"], cfg.repair)
-                row.update(messages=messages, tools=canonical["tools"], repairs=repairs)
+                row.update(messages=messages, tools=canonical["tools"], chat_template_kwargs=canonical.get("chat_template_kwargs"), repairs=repairs)
             except Drop as drop:
                 reason, detail = drop.reason, drop.detail
         if reason is not None:

@@ -31,7 +31,7 @@ from sft_engine import __version__, plots
 from sft_engine.config import PipelineConfig, SourceConfig, cache_view, config_to_dict
 from sft_engine.curation.curate import check_rows
 from sft_engine.curation.dedup import dedup_and_split
-from sft_engine.curation.mix import CONTENT_COLUMNS, MARK_COLUMNS, REJECTED_COLUMNS, attach, plan_outputs
+from sft_engine.curation.mix import MARK_COLUMNS, REJECTED_COLUMNS, plan_outputs
 from sft_engine.curation.rules import all_reasons
 from sft_engine.curation.schema import CANONICAL_COLUMNS, KEY, row_dicts
 from sft_engine.curation.sources import read_source, source_files
@@ -49,7 +49,7 @@ from sft_engine.io import (
 
 ROW_GROUP = 8192
 # What a unit folder holds; bumped when its columns change, so old unit folders are never read as new ones.
-UNIT_FORMAT = 3
+UNIT_FORMAT = 4
 DROP_SAMPLES = 20
 
 # ---- keys ---------------------------------------------------------------------------------------
@@ -211,6 +211,62 @@ def _unit_rows(plan: CuratePlan, columns: list[str]) -> pl.LazyFrame:
     return pl.concat(parts)
 
 
+def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 65_536) -> None:
+    """For each ``dest: (keys, columns)``, write those columns of the rows ``keys`` names (source, row; in their order,
+    repeats kept; mark columns ``keys`` carries are taken from it) to ``dest``, holding one unit and one bucket of
+    output rows at a time, never the corpus.
+
+    Pass 1 reads each unit once, for every output, and files the rows it owes into buckets of ``bucket_rows``
+    output positions (Arrow IPC scratch files); pass 2 writes each output's buckets in order, each sorted by
+    position. Small row groups let preparation stream the splits batch by batch.
+    """
+    import pyarrow.parquet as pq
+
+    scratch.mkdir(exist_ok=True)
+    order = list(outputs)
+    wanted = pl.concat([
+        keys.select(KEY).with_row_index("_pos").with_columns(_out=pl.lit(i, pl.UInt8), _bucket=(pl.col("_pos") // bucket_rows).cast(pl.UInt32))
+        for i, (keys, _) in enumerate(outputs.values())
+    ])
+    marks = {i: [c for c in keys.columns if c not in KEY] for i, (keys, _) in enumerate(outputs.values())}
+    content_cols = sorted({c for i, (_, cols) in enumerate(outputs.values()) for c in cols if c not in KEY and c not in marks[i]})
+    offsets: dict[str, int] = {}
+    for u, unit in enumerate(plan.units):
+        path = unit.folder / "rows.parquet"
+        lo = offsets.get(unit.source, 0)
+        n = pl.scan_parquet(path).select(pl.len()).collect().item()
+        offsets[unit.source] = lo + n
+        need = wanted.filter((pl.col("source") == unit.source) & pl.col("row").is_between(lo + 1, lo + n))
+        if need.height == 0:
+            continue
+        rows = pl.scan_parquet(path).select([*KEY, *content_cols]).with_columns(row=pl.col("row") + lo)
+        part = need.lazy().join(rows, on=KEY, how="left").collect()
+        for (out, bucket), piece in part.partition_by("_out", "_bucket", as_dict=True).items():
+            piece.write_ipc(scratch / f"{out}-{bucket:06d}-{u:05d}.arrow", compression="uncompressed")
+    for i, dest in enumerate(order):
+        keys, columns = outputs[dest]
+        mark_cols = keys.with_row_index("_pos").select("_pos", *marks[i]) if marks[i] else None
+        writer = None
+        try:
+            for bucket in range((keys.height + bucket_rows - 1) // bucket_rows):
+                files = sorted(scratch.glob(f"{i}-{bucket:06d}-*.arrow"))
+                frame = pl.concat([pl.read_ipc(f) for f in files]).sort("_pos")
+                if mark_cols is not None:
+                    frame = frame.join(mark_cols, on="_pos", how="left", maintain_order="left")
+                table = frame.select(columns).to_arrow()
+                writer = writer or pq.ParquetWriter(dest, table.schema, compression="zstd")
+                writer.write_table(table, row_group_size=ROW_GROUP)
+                for f in files:
+                    f.unlink()
+            if writer is None:  # no rows: an empty file with the columns' types
+                types = pl.scan_parquet(plan.units[0].folder / "rows.parquet").select([*KEY, *content_cols]).collect_schema()
+                keys.clear().join(pl.DataFrame(schema=dict(types)), on=KEY, how="left").select(columns).write_parquet(dest)
+        finally:
+            if writer is not None:
+                writer.close()
+    scratch.rmdir()
+
+
 # ---- the report -------------------------------------------------------------------------------------
 
 
@@ -295,8 +351,8 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
 
     ``units`` are ``run_curate_unit``'s results for ``plan.units``, in plan order, from any runner: the
     output bytes are the same. Memory: the dedup reads only the marks and the dedup keys the units
-    stored (hashes, band keys), plus the folded text of near-dup candidates; the outputs attach the
-    conversations to the kept keys afterwards, so the corpus is never in memory at once.
+    stored (hashes, band keys), plus the folded text of near-dup candidates; the outputs take the
+    conversations unit by unit (``write_ordered``), so the corpus is never in memory at once.
     """
     if is_complete(plan.out):
         return StageOutput(plan.out, reused=True)
@@ -334,12 +390,12 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
     marks = pl.read_parquet(plan.dedup / "marks.parquet")
     train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
     stats["cache"] = cache
-    content = _unit_rows(plan, CONTENT_COLUMNS)
     with atomic_dir(out) as tmp:
-        # Small row groups let preparation stream the splits batch by batch.
-        attach(train, content, CANONICAL_COLUMNS).sink_parquet(tmp / "train.parquet", row_group_size=ROW_GROUP)
-        attach(heldout, content, CANONICAL_COLUMNS).sink_parquet(tmp / "heldout.parquet", row_group_size=ROW_GROUP)
-        attach(rejected, content, REJECTED_COLUMNS).sink_parquet(tmp / "rejected.parquet")
+        write_ordered({
+            tmp / "train.parquet": (train, CANONICAL_COLUMNS),
+            tmp / "heldout.parquet": (heldout, CANONICAL_COLUMNS),
+            tmp / "rejected.parquet": (rejected, REJECTED_COLUMNS),
+        }, plan, tmp / "_buckets")
         stats["drop_samples"] = _drop_samples(tmp / "rejected.parquet", tmp / "drop_samples", cfg.seed)
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
         plots.overlaid_histograms(
