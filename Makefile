@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup assets demo test bench clean
 
-# Real Llama-3 tokenizer and Llama-3.1 / Gemma-2 chat templates for the mask tests: they ship (MIT, llama.cpp)
-# inside the llama-cpp-python source archive on PyPI; fetched once, nothing is built.
+# Real vocabularies and chat templates for the mask tests: they ship (MIT, llama.cpp) inside the
+# llama-cpp-python source archive on PyPI; fetched once, nothing is built.
 SFT_CACHE_DIR ?= $(HOME)/.cache/sft-pipeline
 ASSETS := $(SFT_CACHE_DIR)/assets/llama.cpp
 LLAMACPP := llama_cpp_python-0.3.36
@@ -26,20 +26,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-$(ASSETS)/.done: | $(STAMP)
-	rm -rf $(ASSETS) && mkdir -p $(ASSETS)/dl
+# Every chat template llama.cpp ships (models/templates/) and the vocabularies that load in transformers, for the
+# template corpus test (tests/template_corpus.py). The marker's number changes when the set of files does.
+VOCABS := llama-bpe qwen2 phi-3 deepseek-llm llama-spm
+$(ASSETS)/.done-2: | $(STAMP)
+	rm -rf $(ASSETS) && mkdir -p $(ASSETS)/dl $(ASSETS)/templates
 	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(ASSETS)/dl
-	tar -xzf $(ASSETS)/dl/$(LLAMACPP).tar.gz -C $(ASSETS)/dl \
-		$(LLAMACPP)/vendor/llama.cpp/LICENSE \
-		$(LLAMACPP)/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf \
-		$(LLAMACPP)/vendor/llama.cpp/models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja \
-		$(LLAMACPP)/vendor/llama.cpp/models/templates/google-gemma-2-2b-it.jinja
-	mv $(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/LICENSE $(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf \
-		$(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/models/templates/*.jinja $(ASSETS)/
+	tar -xzf $(ASSETS)/dl/$(LLAMACPP).tar.gz -C $(ASSETS)/dl $(LLAMACPP)/vendor/llama.cpp/LICENSE \
+		$(foreach v,$(VOCABS),$(LLAMACPP)/vendor/llama.cpp/models/ggml-vocab-$(v).gguf) \
+		--wildcards '$(LLAMACPP)/vendor/llama.cpp/models/templates/*.jinja'
+	mv $(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/LICENSE $(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/models/ggml-vocab-*.gguf $(ASSETS)/
+	mv $(ASSETS)/dl/$(LLAMACPP)/vendor/llama.cpp/models/templates/*.jinja $(ASSETS)/templates/
 	rm -rf $(ASSETS)/dl
 	touch $@
 
-assets: $(ASSETS)/.done
+assets: $(ASSETS)/.done-2
 
 demo: setup
 	$(BIN)/sft-pipeline run --config conf/demo.yaml

@@ -36,7 +36,8 @@ EPILOG = textwrap.dedent(
     Each stage command runs the stages before it first (reusing finished ones), then stops.
 
     exit codes: 0 done; 2 bad config or arguments; 3 the evaluation gate (evaluate.gate) failed,
-    every result still logged to MLflow with the reasons.
+    every result still logged to MLflow with the reasons; 4 the chat template self-check failed
+    (check-template, or preparation without prepare.allow_unverified_template=true).
     """
 )
 
@@ -65,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "over weights, leave-one-out) on one token budget and the same held-out items; print and log the comparison "
         "(see conf/demo_sweep.yaml). Finished variants are reused, so adding one runs only that one.",
         "show-config": "Print the resolved config (YAML + overrides) and exit.",
-        "preview-mask": "Dry run: curate if needed, then print one rendered training example with the supervised "
-        "tokens highlighted, so you can check the loss mask before a long run.",
+        "preview-mask": "Dry run: curate if needed, then print one curated conversation as the model sees it, every "
+        "sample it gives (a turn the template rewrites in history is trained in a sample of its own), with the supervised "
+        "tokens highlighted: reasoning, tool calls and stop tokens included.",
+        "check-template": "Self-check the model's chat template (or --template FILE on the model's tokenizer): sentinel "
+        "conversations of many shapes (multi-turn, system prompt, tool calls with tools, reasoning, padded text) are masked "
+        "as preparation masks them, and every trained turn must label exactly its inference-form tokens and end on a "
+        "stop token. Prints a table per shape; exits 4 when a shape the template accepts fails.",
     }
     for name, help_text in {**STAGE_HELP, **extra}.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,34 +90,70 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "preview-mask":
             p.add_argument("--row", type=int, default=0, help="row of the curated train split to show (default: %(default)s)")
+        if name == "check-template":
+            p.add_argument("--model", dest="check_model", default=None, metavar="PATH",
+                           help="a local Hugging Face model folder or packaged name (default: the config's model)")
+            p.add_argument("--template", default=None, metavar="FILE", help="a .jinja chat template to check on that tokenizer")
+            p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the report as JSON")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5 model=/path")
     ops_cli.add_commands(sub)  # serve, deploy, servers
     return parser
 
 
 def preview_mask(cfg: PipelineConfig, row: int) -> None:
-    """Print one curated conversation as the model sees it, supervised tokens highlighted."""
+    """Print one curated conversation as the model sees it, every sample it gives, supervised tokens highlighted."""
     import polars as pl
     from rich.console import Console
     from rich.text import Text
 
-    from sft_engine.chat import mask_preview
+    from sft_engine.chat import generation_eos_ids, mask_preview
+    from sft_engine.curation.schema import row_dicts
     from sft_engine.curation.stage import run_curate
     from sft_engine.model import load_tokenizer, resolve_model
 
     curated = pl.read_parquet(run_curate(cfg).path / "train.parquet")
     if not 0 <= row < curated.height:
         raise SystemExit(f"sft-pipeline: --row {row} is out of range; the curated train split has {curated.height} rows")
-    messages = curated["messages"][row].to_list()
-    pieces = mask_preview(load_tokenizer(resolve_model(cfg.model)), messages, cfg.prepare.mask)
-    text = Text()
-    for piece, supervised in pieces:
-        text.append(piece, style="bold black on green" if supervised else "dim")
-    n_sup = sum(s for _, s in pieces)
+    (conversation,) = row_dicts(curated.slice(row, 1))
+    model_dir = resolve_model(cfg.model)
+    p = cfg.prepare
+    samples = mask_preview(load_tokenizer(model_dir), conversation, p.mask, p.history, p.chat_template_kwargs, generation_eos_ids(model_dir))
     console = Console()
-    console.rule(f"row {row} of {curated.height} (source: {curated['source'][row]}), mask={cfg.prepare.mask.value}")
-    console.print(text)
-    console.rule(f"{n_sup} of {len(pieces)} tokens supervised (green); dim = label -100")
+    console.rule(f"row {row} of {curated.height} (source: {conversation['source']}), mask={p.mask.value}, history={p.history.value}: "
+                 f"{len(samples)} sample(s)")
+    for i, pieces in enumerate(samples):
+        text = Text()
+        for piece, supervised in pieces:
+            text.append(piece, style="bold black on green" if supervised else "dim")
+        if len(samples) > 1:
+            console.rule(f"sample {i + 1} of {len(samples)}" + (" (a turn in its inference form)" if i else ""), style="dim")
+        console.print(text)
+        n_sup = sum(s for _, s in pieces)
+        console.rule(f"{n_sup} of {len(pieces)} tokens supervised (green); dim = label -100", style="dim")
+
+
+def check_template_command(cfg: PipelineConfig, model: str | None, template: str | None, json_out: str | None) -> int:
+    """Run the template self-check on a model's tokenizer (optionally with another template); 0 if no shape fails."""
+    from sft_engine.chat import generation_eos_ids
+    from sft_engine.model import load_tokenizer, resolve_model
+    from sft_engine.template_check import check_template, format_report
+
+    model_dir = resolve_model(model or cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    name = str(model or cfg.model)
+    if template is not None:
+        path = Path(template)
+        if not path.is_file():
+            print(f"sft-pipeline: --template {template} does not exist; pass a .jinja file", file=sys.stderr)
+            return 2
+        tokenizer.chat_template = path.read_text()
+        name = f"{path.name} on {name}"
+    report = check_template(tokenizer, cfg.prepare.chat_template_kwargs, cfg.prepare.history, tuple(generation_eos_ids(model_dir)), name)
+    print(format_report(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report.as_dict(), indent=2))
+        print(f"report: {json_out}")
+    return 0 if report.ok else 4
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
@@ -166,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "preview-mask":
         preview_mask(cfg, args.row)
         return 0
+    if args.command == "check-template":
+        return check_template_command(cfg, args.check_model, args.template, args.json_out)
     if args.command == "sweep":
         from flows.sweep import sft_sweep
 
@@ -174,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MLflow sweep run: {result['mlflow_run_id']}  artifacts: {result['output_dir']}")
         return 0
     from flows.pipeline import sft_pipeline
+    from sft_engine.chat import TemplateError
     from sft_engine.evaluate import GateFailed
 
     until = "evaluate" if args.command == "run" else args.command
@@ -186,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as exc:
         print(f"sft-pipeline: {exc}\nEvery result is in MLflow (tag sft.gate=failed); relax evaluate.gate or fix the run.", file=sys.stderr)
         return 3
+    except TemplateError as exc:
+        print(f"sft-pipeline: {exc}", file=sys.stderr)
+        return 4
     _print_summary(result, cfg)
     print(json.dumps({k: v for k, v in result.items() if k not in ("metrics", "table")}))
     return 0

@@ -276,6 +276,14 @@ class MaskStrategy(str, Enum):
     EVERYTHING = "everything"
 
 
+class HistoryPolicy(str, Enum):
+    """What happens to a trained turn that the template renders differently in the conversation than at inference."""
+
+    EXPAND = "expand"
+    LAST_ONLY = "last_only"
+    CONTEXT_ONLY = "context_only"
+
+
 class PrepareConfig(_Strict):
     """Rendering, tokenization with loss masks, and packing."""
 
@@ -283,6 +291,20 @@ class PrepareConfig(_Strict):
     mask: MaskStrategy = Field(json_schema_extra=keyed("prepare"), default=MaskStrategy.ALL_ASSISTANT, description="all_assistant, last_assistant or everything.")
     overlong: Literal["drop", "truncate"] = Field(json_schema_extra=keyed("prepare"), 
         default="drop", description="What to do with a sample longer than max_seq_len: drop it, or truncate it (counted either way)."
+    )
+    history: HistoryPolicy = Field(
+        json_schema_extra=keyed("prepare"), default=HistoryPolicy.EXPAND,
+        description="A trained turn the template rewrites in later context (Qwen3 drops reasoning, gpt-oss ends it with <|end|>): "
+        "expand = train it in its inference form in a sample of its own (extra tokens, counted); last_only = only the "
+        "last assistant turn gets one; context_only = such turns are context.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        json_schema_extra=keyed("prepare"), default_factory=dict,
+        description="Variables passed to the chat template, e.g. {enable_thinking: false}; a row's own chat_template_kwargs override these.",
+    )
+    allow_unverified_template: bool = Field(
+        json_schema_extra=unkeyed("decides only whether a failed template self-check stops the stage"), default=False,
+        description="Prepare even when the template self-check (sft-pipeline check-template) fails on a shape the template accepts.",
     )
     tokenize_batch_size: int = Field(json_schema_extra=unkeyed("batching does not change the tokens: tests/test_data.py packs identically at batch 1 and 1000"), default=1024, ge=1, description="Conversations per fast-tokenizer batch call.")
 

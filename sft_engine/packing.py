@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -86,13 +87,15 @@ def plan_packing(lengths: list[int], max_seq_len: int, overlong: str = "drop") -
 
 
 def pack_rows(
-    input_ids: list[np.ndarray], labels: list[np.ndarray], bins: list[list[int]], max_seq_len: int, pad_id: int
-) -> dict[str, list[np.ndarray]]:
-    """Materialize packed rows: concatenated ids/labels padded to ``max_seq_len``, ``seq_lens`` and ``num_pad``.
+    input_ids: list[np.ndarray], labels: list[np.ndarray], bins: list[list[int]], max_seq_len: int, pad_id: int,
+    weights: list[np.ndarray | None] | None = None,
+) -> dict[str, list[Any]]:
+    """Materialize packed rows: concatenated ids/labels padded to ``max_seq_len``, ``seq_lens`` and ``num_pad``;
+    with per-sample token ``weights`` (None: all 1), a row holding a weighted sample gets a ``weights`` array (else None).
 
     Samples longer than ``max_seq_len`` (only present when truncation was chosen) are cut at the end.
     """
-    rows_ids, rows_labels, rows_lens, rows_pad = [], [], [], []
+    rows_ids, rows_labels, rows_lens, rows_pad, rows_w = [], [], [], [], []
     for b in bins:
         ids = [input_ids[i][:max_seq_len] for i in b]
         labs = [labels[i][:max_seq_len] for i in b]
@@ -110,7 +113,12 @@ def pack_rows(
         rows_labels.append(row_labels)
         rows_lens.append(np.asarray(lens, dtype=np.int32))
         rows_pad.append(pad)
-    return {"input_ids": rows_ids, "labels": rows_labels, "seq_lens": rows_lens, "num_pad": rows_pad}
+        if weights is not None and any(weights[i] is not None for i in b):
+            parts = [(weights[i] if weights[i] is not None else np.ones(len(input_ids[i]), np.float32))[:max_seq_len] for i in b]
+            rows_w.append(np.concatenate([*parts, np.zeros(pad, np.float32)]).astype(np.float32))
+        else:
+            rows_w.append(None)
+    return {"input_ids": rows_ids, "labels": rows_labels, "seq_lens": rows_lens, "num_pad": rows_pad, "weights": rows_w}
 
 
 def position_ids_from_lens(seq_lens: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import polars as pl
 
 from sft_engine import __version__, plots
 from sft_engine.config import PipelineConfig, cache_view, config_to_dict
+from sft_engine.chat import TemplateError, generation_eos_ids
 from sft_engine.data import prepare_split
 from sft_engine.evalsets import ifbench_items, verifiable_items
 from sft_engine.evaluate import generate, generate_samples, heldout_loss, results_table, score_tasks
@@ -34,17 +35,25 @@ from sft_engine.io import (
 )
 from sft_engine.knowledge import run_knowledge
 from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
+from sft_engine.template_check import CheckReport, check_template
 from sft_engine.train import TrainResult, deepspeed_config, train
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
+# Bumped when the masking or packing code changes what a prepared folder holds for the same inputs.
+PREPARE_FORMAT = 2
+
+
 def prepare_key(cfg: PipelineConfig, curated: Path, model_dir: Path) -> str:
-    """The curated splits' bytes, the prepare fields (config.keyed("prepare")) and the tokenizer."""
+    """The curated splits' bytes, the prepare fields (config.keyed("prepare")), the tokenizer, the model's
+    generation-config stop tokens and the preparation format."""
     return digest_json({
         "data": digest_files([curated / "train.parquet", curated / "heldout.parquet"]),
         "prepare": cache_view(cfg, "prepare"),
         "tokenizer": tokenizer_digest(model_dir),
+        "stops": generation_eos_ids(model_dir),
+        "format": PREPARE_FORMAT,
     })
 
 
@@ -79,6 +88,20 @@ def evaluate_key(cfg: PipelineConfig, prepared: Path, model_dir: Path, curated: 
 # ---- stages -----------------------------------------------------------------------------------
 
 
+def verify_template(tokenizer: Any, cfg: PipelineConfig, stop_ids: tuple[int, ...]) -> CheckReport:
+    """The template self-check (``sft-pipeline check-template``) as preparation runs it first: a shape the template
+    accepts but the masks get wrong stops the stage, unless ``prepare.allow_unverified_template``."""
+    report = check_template(tokenizer, cfg.prepare.chat_template_kwargs, cfg.prepare.history, stop_ids, str(cfg.model))
+    if not report.ok and not cfg.prepare.allow_unverified_template:
+        failed = "; ".join(f"{r.shape}: {r.why[0]}" for r in report.results if r.result == "fail")
+        raise TemplateError(
+            f"the chat template of model '{cfg.model}' fails the mask self-check ({failed}); see "
+            f"`sft-pipeline check-template --model {cfg.model}` for every shape, or set "
+            "prepare.allow_unverified_template=true to prepare anyway"
+        )
+    return report
+
+
 def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], None] | None = None) -> StageOutput:
     """Tokenize with loss masks and pack train and held-out splits into Arrow files with a manifest."""
     model_dir = resolve_model(cfg.model)
@@ -86,11 +109,17 @@ def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], No
     if is_complete(out):
         return StageOutput(out, reused=True)
     tokenizer = load_tokenizer(model_dir)
-    manifest: dict[str, Any] = {"max_seq_len": cfg.prepare.max_seq_len, "splits": {}}
+    stop_ids = tuple(generation_eos_ids(model_dir))
+    check = verify_template(tokenizer, cfg, stop_ids)
+    manifest: dict[str, Any] = {
+        "max_seq_len": cfg.prepare.max_seq_len, "history": cfg.prepare.history.value, "splits": {},
+        "template_check": {"ok": check.ok, **check.counts},
+    }
     with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "template_check.json", check.as_dict())
         lengths: Any = []
         for split in ("train", "heldout"):
-            st, lens = prepare_split(curated / f"{split}.parquet", tokenizer, cfg.prepare, tmp / f"{split}.arrow", progress)
+            st, lens = prepare_split(curated / f"{split}.parquet", tokenizer, cfg.prepare, tmp / f"{split}.arrow", progress, extra_stop_ids=stop_ids)
             manifest["splits"][split] = st.as_dict()
             if split == "train":
                 lengths = lens.tolist()

@@ -185,7 +185,7 @@ def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     position ids still restart per sample, and every row already starts with an ignored label, so
     nothing is predicted across the seams.
     """
-    return {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids") else v) for k, v in batch.items()}
+    return {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids", "weights") else v) for k, v in batch.items()}
 
 
 def _seed_everything(seed: int) -> None:
@@ -330,9 +330,9 @@ def train(
                     input_ids=b["input_ids"].to(engine.device), position_ids=b["position_ids"].to(engine.device), use_cache=False
                 )
                 if cfg.loss_norm == "token":
-                    part = token_loss_sum(out.logits, b["labels"])
+                    part = token_loss_sum(out.logits, b["labels"], b.get("weights"))
                 else:
-                    part, _ = sample_loss_sum(out.logits, b["labels"], b["position_ids"])
+                    part, _ = sample_loss_sum(out.logits, b["labels"], b["position_ids"], b.get("weights"))
                 engine.backward(part * world / denom, scale_wrt_gas=False)
                 if cfg.zero_stage == 0 and k == len(window) - 1:
                     # DeepSpeed reports no grad norm at stage 0 in fp32; take it before the step clips.

@@ -74,6 +74,46 @@ def packed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return stages.run_prepare(cfg, curation.run_curate(cfg).path).path / "train.arrow"
 
 
+# Renders a think block before the last assistant reply only, as Qwen3 does: every earlier trained turn is trained in
+# a sample of its own (prepare.history=expand).
+LAST_TURN_THINK = CHATML.replace(
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']",
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + ('<think></think>' if message['role'] == "
+    "'assistant' and loop.last else '') + message['content']",
+)
+
+
+@pytest.fixture(scope="session")
+def packed_expanded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tiny model with LAST_TURN_THINK, packed training rows) from multi-turn chats whose replies carry weights
+    (2.0 on the first reply of every third row, 0.5 on the second of every fifth): expanded samples and weights."""
+    import json
+
+    from sft_engine import stages
+    from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
+
+    root = tmp_path_factory.mktemp("expanded")
+    model = build_tiny_model(root / "model", LAST_TURN_THINK)
+    rows = []
+    for i in range(120):
+        first = {"role": "assistant", "content": f"answer: {i % 7} {i % 5}."}
+        second = {"role": "assistant", "content": f"sort the numbers {i % 9} {i % 4} {i % 3}."}
+        if i % 3 == 0:
+            first["weight"] = 2.0
+        if i % 5 == 0:
+            second["weight"] = 0.5
+        rows.append({"messages": [{"role": "user", "content": f"compute the result {i}."}, first,
+                                  {"role": "user", "content": "reverse the order of the words."}, second]})
+    src = root / "chats.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [
+        f"work_dir={root / 'work'}", f"model={model}", f"curate.sources=[{{name: chats, path: {src}}}]",
+        "prepare.max_seq_len=128", "curate.heldout_fraction=0.0", "curate.near_dedup.enabled=false",
+    ])
+    return model, stages.run_prepare(cfg, curation.run_curate(cfg).path).path / "train.arrow"
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer and ChatML template, read from the installed GGUF."""
@@ -96,7 +136,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
 def _assets() -> Path:
     folder = Path(os.environ.get("SFT_CACHE_DIR", Path.home() / ".cache" / "sft-pipeline")) / "assets" / "llama.cpp"
-    if not (folder / ".done").is_file():
+    if not (folder / ".done-2").is_file():
         pytest.fail(f"test assets missing in {folder}: run `make assets` (fetches llama-cpp-python's source archive from PyPI)")
     return folder
 
@@ -112,7 +152,7 @@ def llama3_tokenizer():
         # Reading the 128k-token GGUF takes ~10 s; the saved folder reloads in under a second.
         AutoTokenizer.from_pretrained(assets, gguf_file="ggml-vocab-llama-bpe.gguf").save_pretrained(cached)
     tok = AutoTokenizer.from_pretrained(cached)
-    tok.chat_template = (assets / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
+    tok.chat_template = (assets / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
     return tok
 
 
@@ -124,5 +164,5 @@ def gemma_style_tokenizer(smollm2_tokenizer):
 
     tok = copy.deepcopy(smollm2_tokenizer)
     tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tok.chat_template = (_assets() / "google-gemma-2-2b-it.jinja").read_text()
+    tok.chat_template = (_assets() / "templates" / "google-gemma-2-2b-it.jinja").read_text()
     return tok

@@ -151,4 +151,4 @@ def test_cache_view_holds_exactly_the_declared_fields() -> None:
     view = cache_view(_cfg(), "curate.mix")
     assert view == {"seed": 0, "curate": {"sources": [{"weight": 1.0, "target_rows": None, "max_rows": None}] * 2, "near_dedup": {}},
                     "prepare": {}, "train": {}, "evaluate": {}}
-    assert set(cache_view(_cfg(), "prepare")["prepare"]) == {"max_seq_len", "mask", "overlong"}
+    assert set(cache_view(_cfg(), "prepare")["prepare"]) == {"max_seq_len", "mask", "overlong", "history", "chat_template_kwargs"}

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sft_engine.config import config_to_dict, load_config
+from tests.conftest import CHATML
 
 pytestmark = pytest.mark.slow
 
@@ -214,3 +215,54 @@ def test_gate_decides_registration_and_the_flow_state_says_why(prefect_server, t
     assert "| tasks.exact_match |" in out and "gate: passed" in out
     assert main([*argv, "evaluate.gate.min_scores={tasks.exact_match: 1.01}"]) == 3
     assert "evaluation gate failed: tasks.exact_match" in capsys.readouterr().err
+
+
+BROKEN = CHATML.replace("message['content'] + '<|im_end|>'", "message['content'] + ' 7<|im_end|>'").replace(
+    "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n 7'")
+
+
+def test_cli_check_template_passes_the_tiny_model_and_fails_a_broken_template(tiny_model: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    rc = main(["check-template", "--model", str(tiny_model), "--json", str(tmp_path / "check.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "single_turn" in out and "tool_call" in out and "verdict" in out and "ok" in out
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["ok"] and report["counts"] == {"pass": 7, "rejected": 1}
+    # Plain ChatML has no tool-call syntax: such rows are dropped, not trained as empty replies.
+    (tool,) = [r for r in report["results"] if r["result"] == "rejected"]
+    assert tool["shape"] == "tool_call" and tool["why"][0].startswith("mask_template_drops_tool_calls")
+    # A generation prompt that writes " 7" where the turn writes the reply: no turn has an inference form.
+    (tmp_path / "broken.jinja").write_text(BROKEN)
+    rc = main(["check-template", "--model", str(tiny_model), "--template", str(tmp_path / "broken.jinja")])
+    out = capsys.readouterr().out
+    assert rc == 4 and "FAILED" in out and "mask_prompt_not_prefix" in out
+
+
+def test_preparation_stops_on_a_template_that_fails_its_self_check_unless_allowed(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from sft_engine import stages
+    from sft_engine.chat import TemplateError
+    from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tiny_model, broken)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    (broken / "chat_template.jinja").write_text(BROKEN)
+    overrides = [f"work_dir={tmp_path / 'w'}", f"model={broken}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 20}]"]
+    cfg = load_config(None, overrides)
+    curated = curation.run_curate(cfg).path
+    with pytest.raises(TemplateError, match="fails the mask self-check .*check-template --model .*allow_unverified_template=true"):
+        stages.run_prepare(cfg, curated)
+    assert not (tmp_path / "w" / "prepare").exists() or not any((tmp_path / "w" / "prepare").iterdir())
+    allowed = load_config(None, [*overrides, "prepare.allow_unverified_template=true"])
+    out = stages.run_prepare(allowed, curated).path
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["template_check"]["ok"] is False
+    assert manifest["splits"]["train"]["dropped_by_reason"] == {"mask_prompt_not_prefix": manifest["splits"]["train"]["rows_in"]}

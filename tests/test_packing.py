@@ -10,8 +10,12 @@ from sft_engine.loss import supervised_count, token_loss_sum
 from sft_engine.packing import best_fit_decreasing, cu_seqlens, pack_rows, plan_packing, position_ids_from_lens
 
 
+def _row(rows: dict, i: int) -> dict:
+    return {k: (v[i] if k in ("num_pad", "weights") else v[i].astype(np.int64)) for k, v in rows.items()}
+
+
 def _first_row(rows: dict) -> dict:
-    return {k: (v[0].astype(np.int64) if k != "num_pad" else v[0]) for k, v in rows.items()}
+    return _row(rows, 0)
 
 
 def test_best_fit_decreasing_exact_bins() -> None:
@@ -94,6 +98,45 @@ def test_packed_batch_has_same_loss_and_gradients_as_unpacked(tiny_model) -> Non
         assert torch.allclose(p.grad, grads_unpacked[name], atol=1e-5, rtol=1e-5), name
 
 
+def test_packed_weighted_samples_have_the_same_loss_and_gradients_as_unpacked(tiny_model) -> None:
+    """Message weights survive packing: a weighted sample beside unweighted ones (weights None: all 1) gives the
+    same weighted token-loss sum and gradients packed as one forward per sample."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    samples, weights = [], []
+    for n, w in ((9, 2.0), (6, None), (11, 0.5)):
+        ids = torch.randint(3, vocab, (n,), generator=g).numpy()
+        lab = ids.copy()
+        lab[:3] = IGNORE_INDEX
+        samples.append((ids, lab))
+        weights.append(None if w is None else np.where(lab != IGNORE_INDEX, w, 0.0).astype(np.float32))
+
+    model.zero_grad()
+    total_unpacked = torch.zeros(())
+    for (ids, lab), w in zip(samples, weights, strict=True):
+        out = model(input_ids=torch.tensor(ids)[None], use_cache=False)
+        total_unpacked = total_unpacked + token_loss_sum(out.logits, torch.tensor(lab)[None], None if w is None else torch.tensor(w)[None])
+    n_tokens = sum(supervised_count(torch.tensor(lab)[None]) for _, lab in samples)
+    (total_unpacked / n_tokens).backward()
+    grads_unpacked = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    rows = pack_rows([s[0] for s in samples], [s[1] for s in samples], [[0, 1, 2]], max_seq_len=32, pad_id=0, weights=weights)
+    batch = collate([_first_row(rows)])
+    assert batch["weights"][0].tolist() == [0.0] * 3 + [2.0] * 6 + [1.0] * 6 + [0.0] * 3 + [0.5] * 8 + [0.0] * 6
+    model.zero_grad()
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    total_packed = token_loss_sum(out.logits, batch["labels"], batch["weights"])
+    (total_packed / n_tokens).backward()
+    assert torch.allclose(total_packed, total_unpacked, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads_unpacked[name], atol=1e-5, rtol=1e-5), name
+    # Unweighted rows store no weights at all.
+    assert pack_rows([s[0] for s in samples], [s[1] for s in samples], [[1]], 32, 0, weights)["weights"] == [None]
+
+
 def test_packing_without_position_ids_would_leak(tiny_model) -> None:
     """The control: dropping the restarting position ids lets samples see each other and changes the loss."""
     from transformers import AutoModelForCausalLM
@@ -145,7 +188,7 @@ def test_flattened_micro_batch_gives_the_same_loss(tiny_model) -> None:
     g = torch.Generator().manual_seed(2)
     samples = [torch.randint(3, model.config.vocab_size, (n,), generator=g).numpy() for n in (9, 5, 12, 6)]
     rows = pack_rows(samples, [s.copy() for s in samples], [[0, 1], [2, 3]], max_seq_len=20, pad_id=0)
-    batch = collate([{k: (v[i].astype(np.int64) if k != "num_pad" else v[i]) for k, v in rows.items()} for i in range(2)])
+    batch = collate([_row(rows, i) for i in range(2)])
     flat = flatten_batch(batch)
     assert flat["input_ids"].shape == (1, 40) and flat["position_ids"][0, 20].item() == 0
     with torch.no_grad():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sft_engine.chat import render_batch, render_with_spans, tokenize_conversations
-from sft_engine.config import MaskStrategy
+from sft_engine.chat import Planner, tokenize_conversations
+from sft_engine.config import HistoryPolicy, MaskStrategy
 from sft_engine.constants import IGNORE_INDEX
 from tests.test_chat import MULTI
 
@@ -42,13 +42,15 @@ def test_llama3_tool_call_conversation(llama3_tokenizer) -> None:
 
 
 def test_llama3_trims_content_so_the_verified_fast_path_falls_back(llama3_tokenizer) -> None:
-    # The template applies |trim: a padded reply renders differently from its placeholder skeleton,
-    # so the spans come from prefix diffing of that conversation, and still cover only the reply.
+    # The template applies |trim: a padded reply renders differently from its placeholder plan, so the
+    # conversation is planned on its own text, and its targets still cover only the reply.
     padded = [dict(m) for m in MULTI]
     padded[2]["content"] = "  Hello!  "
-    (fast,) = render_batch(llama3_tokenizer, [padded], MaskStrategy.ALL_ASSISTANT)
-    assert fast == render_with_spans(llama3_tokenizer, padded)
-    assert [fast.text[a:b] for a, b in fast.spans] == ["Hello!<|eot_id|>", "4<|eot_id|>"]
+    planner = Planner(llama3_tokenizer, MaskStrategy.ALL_ASSISTANT, HistoryPolicy.EXPAND)
+    planned = planner.plan([{"messages": padded}, {"messages": MULTI}])
+    assert planned.fast == 1
+    ((sample,), _) = planned.samples
+    assert [sample.text[a:b] for a, b in sample.spans] == ["Hello!<|eot_id|>", "4<|eot_id|>"]
 
 
 def test_chatml_tool_call_conversation(smollm2_tokenizer) -> None:
@@ -64,8 +66,8 @@ def test_gemma2_template_trains_model_turns_and_end_of_turn(gemma_style_tokenize
     assert (tok.convert_tokens_to_ids("<bos>"), tok.convert_tokens_to_ids("<start_of_turn>"), end_of_turn) == (49152, 49153, 49154)
     convo = MULTI[1:]  # Gemma-2 has no system role
     assert supervised(tok, convo) == [19556, 17, 49154, 36, 49154]
-    rendered = render_with_spans(tok, convo)
-    assert rendered.text.startswith("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+    ((sample,),) = Planner(tok, MaskStrategy.ALL_ASSISTANT, HistoryPolicy.EXPAND).plan([{"messages": convo}]).samples
+    assert sample.text.startswith("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
 
 
 def test_gemma2_rejects_system_turn_as_a_drop_reason_not_a_crash(gemma_style_tokenizer) -> None:

@@ -58,6 +58,21 @@ def test_grad_accum_step_equals_one_big_batch_step(tiny_model: Path, packed: Pat
     assert acc.supervised_tokens == big.supervised_tokens
 
 
+def test_grad_accum_step_equals_one_big_batch_step_with_expanded_samples_and_weights(packed_expanded, tmp_path: Path) -> None:
+    """The same equality on data whose turns are expanded into samples of their own and whose replies carry weights:
+    the weighted token losses of the whole window over its supervised tokens, whatever the micro-batching."""
+    import json
+
+    model, data = packed_expanded
+    split = json.loads((data.parent / "manifest.json").read_text())["splits"]["train"]
+    assert split["expanded_samples"] == 120 and split["weighted_samples"] > 0 and split["rows_in"] == 120
+    common = {"zero_stage": 0, "max_steps": 2, "lr": 1e-3, "warmup_steps": 0, "grad_clip": None}
+    acc = train(model, data, tmp_path / "acc", TrainConfig(micro_batch_size=1, grad_accum=4, **common), seed=1, show_progress=False)
+    big = train(model, data, tmp_path / "big", TrainConfig(micro_batch_size=4, grad_accum=1, **common), seed=1, show_progress=False)
+    assert acc.losses == pytest.approx(big.losses, abs=1e-5)
+    assert acc.supervised_tokens == big.supervised_tokens
+
+
 def test_zero3_exports_full_weights(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
