@@ -510,19 +510,25 @@ def _shape(sample: Sample) -> _Shape | None:
     return _Shape(tuple(pieces), tuple(spans), tuple(sample.turns), sample.expanded, sample.appended_stop, sample.spliced)
 
 
-def _fill(shape: _Shape, values: list[str], weights: list[float]) -> Sample:
-    starts, chunks, pos = [], [], 0
-    for p in shape.pieces:
+def _fill(shape: _Shape, values: list[str], weights: list[float], whole: tuple[_Shape, str, list[int]] | None = None) -> Sample:
+    """The sample of ``shape`` for a conversation's slot ``values``. ``whole``: the conversation's shape, its verified
+    render and its pieces' lengths; a sample with the same pieces (every turn in place) is that text."""
+    if whole is not None and whole[0].pieces == shape.pieces:
+        text, lengths = whole[1], whole[2]
+    else:
+        chunks = [p if p.__class__ is str else values[p] for p in shape.pieces]  # type: ignore[index]
+        text = "".join(chunks)  # type: ignore[arg-type]
+        lengths = [len(c) for c in chunks]
+    starts, pos = [], 0
+    for n in lengths:
         starts.append(pos)
-        text = p if isinstance(p, str) else values[p]
-        chunks.append(text)
-        pos += len(text)
+        pos += n
 
     def at(loc: tuple[int, int]) -> int:
         idx, off = loc
-        return starts[idx] + (len(chunks[idx]) if off == -1 else off)
+        return starts[idx] + (lengths[idx] if off == -1 else off)
 
-    return Sample("".join(chunks), [(at(a), at(b)) for a, b in shape.spans], list(shape.turns), [weights[k] for k in shape.turns],
+    return Sample(text, [(at(a), at(b)) for a, b in shape.spans], list(shape.turns), [weights[k] for k in shape.turns],
                   shape.expanded, shape.appended_stop, shape.spliced)
 
 
@@ -547,10 +553,6 @@ class Planned:
     reasoning_not_rendered: int = 0
 
 
-def _texts(shape: _Shape, values: list[str]) -> str:
-    return "".join(p if isinstance(p, str) else values[p] for p in shape.pieces)
-
-
 class Planner:
     """Plans conversations for one tokenizer. A conversation without tools or tool calls takes its structure's
     placeholder plan (cached per roles, reasoning present, trained turns, kwargs), used only when the filled
@@ -572,7 +574,7 @@ class Planner:
             messages = template_messages(row["messages"])
             tools = template_tools(row.get("tools"))
             kwargs = json.loads(row["chat_template_kwargs"]) if row.get("chat_template_kwargs") else {}
-            weights = [1.0 if m.get("weight") is None else float(m["weight"]) for m in row["messages"]]
+            weights = [1.0 if (w := m.get("weight")) is None else float(w) for m in row["messages"]]
             chosen = None if self.strategy is MaskStrategy.EVERYTHING else trained_turns(row["messages"], self.strategy)
             samples: list[Sample] | str | None = None
             if not tools and chosen is not None and not any(m.get("tool_calls") for m in messages):
@@ -592,8 +594,8 @@ class Planner:
         return out
 
     def _fast(self, messages: list[dict[str, Any]], kwargs: dict[str, Any], chosen: list[int], weights: list[float]) -> list[Sample] | None:
-        key = (tuple((m["role"], m.get("reasoning_content") is not None, m.get("name"), m.get("tool_call_id")) for m in messages),
-               tuple(chosen), json.dumps(kwargs, sort_keys=True))
+        key = (tuple((m["role"], "reasoning_content" in m, m.get("name"), m.get("tool_call_id")) for m in messages),
+               tuple(chosen), json.dumps(kwargs, sort_keys=True) if kwargs else "")
         if key not in self._cache:
             ph, _ = _placeholders(messages)
             try:
@@ -607,13 +609,19 @@ class Planner:
         if cached is None:
             return None
         whole, shapes = cached
-        _, values = _placeholders(messages)
+        values = []
+        for m in messages:
+            values.append(m["content"])
+            values.append(m.get("reasoning_content") or "")
         try:
-            if self.render(messages, None, False, kwargs) != _texts(whole, values):
-                return None
+            real = self.render(messages, None, False, kwargs)
         except RenderFailed:
             return None
-        return [_fill(s, values, weights) for s in shapes]
+        chunks = [p if p.__class__ is str else values[p] for p in whole.pieces]  # type: ignore[index]
+        if real != "".join(chunks):  # type: ignore[arg-type]
+            return None
+        lengths = [len(c) for c in chunks]
+        return [_fill(s, values, weights, (whole, real, lengths)) for s in shapes]
 
 
 # ---- tokens and labels ---------------------------------------------------------------------------
@@ -663,7 +671,7 @@ class Labeler:
             self._windows[text] = self.backend.encode(text, add_special_tokens=False).ids
         return self._windows[text]
 
-    def _prefix_ok(self, text: str, enc: Any, ids: np.ndarray, a: int) -> bool:
+    def _prefix_ok(self, text: str, enc: Any, ids: list[int], a: int) -> bool:
         """Do the tokens of ``text[:a]`` alone equal the sample's tokens before position a?
 
         Tokenization restarts after an added token, so only the stretch from the last one before ``a`` can differ:
@@ -673,15 +681,15 @@ class Labeler:
         if t is None or enc.token_to_chars(t)[0] != a:
             return False  # a token straddles the boundary: a merge across prompt and target
         j = t - 1
-        while j >= 0 and int(ids[j]) not in self.added_ids:
+        added = self.added_ids
+        while j >= 0 and ids[j] not in added:
             j -= 1
         w = enc.token_to_chars(j)[0] if j >= 0 else 0
         window = text[w:a]
-        if len(window) > 256:
-            return self.backend.encode(window, add_special_tokens=False).ids == ids[max(j, 0):t].tolist()
-        return self._window_ids(window) == ids[max(j, 0):t].tolist()
+        expected = self.backend.encode(window, add_special_tokens=False).ids if len(window) > 256 else self._window_ids(window)
+        return expected == ids[max(j, 0) : t]
 
-    def _piecewise(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _piecewise(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The sample tokenized as its prompt, then each target alone (as after a special token), and so on."""
         cuts = sorted({0, len(sample.text), *(x for s in sample.spans for x in s)})
         ids_parts, lab_parts, w_parts = [], [], []
@@ -697,7 +705,8 @@ class Labeler:
             ids_parts.append(arr)
             lab_parts.append(arr.copy() if trained else np.full(len(arr), IGNORE_INDEX, dtype=np.int64))
             w_parts.append(np.full(len(arr), span_w.get(a, 0.0) if trained else 0.0, dtype=np.float32))
-        return np.concatenate(ids_parts), np.concatenate(lab_parts), np.concatenate(w_parts)
+        weights = np.concatenate(w_parts) if any(w != 1.0 for w in sample.weights) else None
+        return np.concatenate(ids_parts), np.concatenate(lab_parts), weights
 
     def label(self, planned: Planned) -> Tokenized:
         """Samples of every conversation of a batch, tokenized in one call and labelled; a conversation left with
@@ -712,45 +721,48 @@ class Labeler:
             reasons.append(None)
             flat += samples
             row_of += [r] * len(samples)
-        stats = {"boundary_retokenized": 0, "fast_path_rows": planned.fast, "reasoning_not_rendered": planned.reasoning_not_rendered}
+        retokenized = 0
         labelled = []
         for s, enc in zip(flat, self.encode([s.text for s in flat]), strict=True):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            if all(self._prefix_ok(s.text, enc, ids, a) for a, _ in s.spans):
+            id_list = enc.ids
+            ids = np.asarray(id_list, dtype=np.int64)
+            if all(self._prefix_ok(s.text, enc, id_list, a) for a, _ in s.spans):
                 labels, weights = labels_from_spans(enc, ids, s.spans, s.weights)
             else:
                 ids, labels, weights = self._piecewise(s)
-                stats["boundary_retokenized"] += 1
+                retokenized += 1
             labels[:1] = IGNORE_INDEX
             labelled.append((ids, labels, weights))
-        trains = set()
-        for r, (_, labels, _) in zip(row_of, labelled, strict=True):
-            if (labels != IGNORE_INDEX).any():
-                trains.add(r)
+        trains = {r for r, (_, labels, _) in zip(row_of, labelled, strict=True) if (labels != IGNORE_INDEX).any()}
         for r in range(len(reasons)):
             if reasons[r] is None and r not in trains:
                 reasons[r] = "mask_no_supervised_tokens"
-        out = Tokenized([], [], [], [], reasons, stats)
+        out = Tokenized([], [], [], [], reasons)
+        n = expanded = expanded_tokens = appended = spliced = 0
         for r, s, (ids, labels, weights) in zip(row_of, flat, labelled, strict=True):
             if reasons[r] is not None:
                 continue
-            trained = labels != IGNORE_INDEX
             out.input_ids.append(ids)
             out.labels.append(labels)
-            out.weights.append(None if np.all(weights[trained] == 1.0) else np.where(trained, weights, 0.0).astype(np.float32))
+            out.weights.append(None if weights is None else np.where(labels != IGNORE_INDEX, weights, 0.0).astype(np.float32))
             out.row_of.append(r)
-            stats["samples"] = stats.get("samples", 0) + 1
-            stats["expanded_samples"] = stats.get("expanded_samples", 0) + int(s.expanded)
-            stats["expanded_tokens"] = stats.get("expanded_tokens", 0) + (len(ids) if s.expanded else 0)
-            stats["stop_token_appended"] = stats.get("stop_token_appended", 0) + s.appended_stop
-            stats["targets_spliced"] = stats.get("targets_spliced", 0) + s.spliced
+            n += 1
+            if s.expanded:
+                expanded += 1
+                expanded_tokens += len(ids)
+            appended += s.appended_stop
+            spliced += s.spliced
+        out.stats = {"boundary_retokenized": retokenized, "fast_path_rows": planned.fast, "reasoning_not_rendered": planned.reasoning_not_rendered,
+                     "samples": n, "expanded_samples": expanded, "expanded_tokens": expanded_tokens, "stop_token_appended": appended,
+                     "targets_spliced": spliced}
         return out
 
 
-def labels_from_spans(enc: Any, ids: np.ndarray, spans: list[tuple[int, int]], weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (the token id where its first character is in a span, else IGNORE_INDEX) and per-token weights."""
+def labels_from_spans(enc: Any, ids: np.ndarray, spans: list[tuple[int, int]], weights: list[float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels (the token id where its first character is in a span, else IGNORE_INDEX) and per-token weights
+    (None where every span weighs 1)."""
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
-    w = np.zeros(len(ids), dtype=np.float32)
+    w = np.zeros(len(ids), dtype=np.float32) if any(x != 1.0 for x in weights) else None
     for (a, b), weight in zip(spans, weights, strict=True):
         if b <= a:
             continue
@@ -758,12 +770,15 @@ def labels_from_spans(enc: Any, ids: np.ndarray, spans: list[tuple[int, int]], w
         if first is None or last is None:
             offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
             inside = (offsets[:, 0] >= a) & (offsets[:, 0] < b)
-            labels[inside], w[inside] = ids[inside], weight
+            labels[inside] = ids[inside]
+            if w is not None:
+                w[inside] = weight
             continue
         if enc.token_to_chars(first)[0] < a:
             first += 1
         labels[first : last + 1] = ids[first : last + 1]
-        w[first : last + 1] = weight
+        if w is not None:
+            w[first : last + 1] = weight
     return labels, w
 
 

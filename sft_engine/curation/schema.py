@@ -163,9 +163,13 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for m in messages:
         msg: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
-        if m.get("reasoning_content") is not None:
-            msg["reasoning_content"] = m["reasoning_content"]
-        if m.get("tool_calls"):
+        rc, calls, call_id, name = m.get("reasoning_content"), m.get("tool_calls"), m.get("tool_call_id"), m.get("name")
+        if rc is None and not calls and call_id is None and name is None:
+            out.append(msg)  # a plain turn, nearly every message: nothing else to carry
+            continue
+        if rc is not None:
+            msg["reasoning_content"] = rc
+        if calls:
             msg["tool_calls"] = [
                 {**({"id": c["id"]} if c.get("id") is not None else {}), "type": c.get("type") or "function",
                  "function": {"name": c["function"]["name"], "arguments": orjson.loads(c["function"]["arguments"])}}
