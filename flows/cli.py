@@ -9,8 +9,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from flows import ops_cli
+from flows import console, ops_cli
 from sft_engine.config import ConfigError, PipelineConfig, config_to_dict, load_config
+from sft_engine.errors import EXIT_CODES
 
 EPILOG = textwrap.dedent(
     """
@@ -35,11 +36,13 @@ EPILOG = textwrap.dedent(
 
     Each stage command runs the stages before it first (reusing finished ones), then stops.
 
-    exit codes: 0 done; 2 bad config or arguments; 3 the evaluation gate (evaluate.gate) failed,
-    every result still logged to MLflow with the reasons; 4 the chat template self-check failed
-    (check-template, or preparation without prepare.allow_unverified_template=true).
+    Before any work, every check that needs no data or model is made (sources, model folder and chat
+    template, evaluation data packages, work_dir space, hostfile, DeepSpeed config); each problem is one
+    line naming the key or file and the fix. The terminal shows one line per stage and the summary; the
+    full log (Prefect, libraries, tracebacks) is <work_dir>/logs/, its path printed first (--debug: all
+    of it on the terminal too).
     """
-)
+) + "\nexit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items()) + "\n"
 
 STAGE_HELP = {
     "run": "Run the whole pipeline: curate -> prepare -> train -> evaluate.",
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a local Hugging Face model folder or packaged name (default: the config's model)")
             p.add_argument("--template", default=None, metavar="FILE", help="a .jinja chat template to check on that tokenizer")
             p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the report as JSON")
+        p.add_argument("--debug", action="store_true", help="library logs and tracebacks on the terminal too")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5 model=/path")
     ops_cli.add_commands(sub)  # serve, deploy, servers
     return parser
@@ -157,31 +161,38 @@ def check_template_command(cfg: PipelineConfig, model: str | None, template: str
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
+    """The end of a run: outputs, the evaluation table once, the gate and its reasons, the registered version, and
+    how to look at it all in MLflow and Prefect."""
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    table = Table(title="sft-pipeline")
-    table.add_column("stage")
-    table.add_column("output")
+    out = Console(soft_wrap=True, highlight=False)
     for key in ("curated", "prepared", "model"):
         if key in result:
-            table.add_row(key, str(result[key]))
-    console.print(table)
+            out.print(f"{key + ':':10s}{result[key]}", markup=False)
     if result.get("table"):
         from sft_engine.evaluate import format_table
 
-        console.print("\nevaluation (± one standard error; loss: lower is better)")
-        console.print(format_table(result["table"]), markup=False)
+        out.print("\nevaluation, base vs tuned (± one standard error; loss: lower is better)")
+        out.print(format_table(result["table"]), markup=False)
         gate = result["gate"]
-        console.print(f"gate: {'passed' if gate['passed'] else 'FAILED'}" + "".join(f"\n  - {r}" for r in gate["reasons"]), markup=False)
+        out.print(f"gate: {'passed' if gate['passed'] else 'FAILED'}" + "".join(f"\n  - {r}" for r in gate["reasons"]), markup=False)
         if result.get("registered_version"):
-            console.print(f"registered: {cfg.evaluate.register_model} version {result['registered_version']}")
-    console.print(f"MLflow parent run: {result['mlflow_run_id']}  store: {result['tracking_uri']}")
-    console.print(f"browse: mlflow ui --backend-store-uri {cfg.resolved_tracking_uri()} --host 127.0.0.1")
+            out.print(f"registered: {cfg.evaluate.register_model} version {result['registered_version']}", markup=False)
+    uri = result["tracking_uri"]
+    out.print(f"\nMLflow run {result['mlflow_run_id']}: " + (
+        f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then http://127.0.0.1:5000)"
+    ), markup=False)
+    if result.get("flow_run_id"):
+        from prefect.settings import PREFECT_API_URL
+
+        api = PREFECT_API_URL.value()
+        where = (f"{api.rsplit('/api', 1)[0]}/runs/flow-run/{result['flow_run_id']}" if api
+                 else f"prefect server start --host 127.0.0.1  (then http://127.0.0.1:4200/runs/flow-run/{result['flow_run_id']})")
+        out.print(f"Prefect flow run {result['flow_run_id']}: {where}", markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:
+    console.quiet_libraries()
     args = build_parser().parse_args(argv)
     if args.command in ops_cli.COMMANDS:
         return ops_cli.run(args)
@@ -195,6 +206,29 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
+    from sft_engine.preflight import PreflightError, require
+
+    until = {"run": "evaluate", "sweep": "evaluate", "preview-mask": "curate", "check-template": "curate"}.get(args.command, args.command)
+    eval_model = getattr(args, "eval_model", None)
+    debug = getattr(args, "debug", False)
+    log_file: Path | None = None
+    try:
+        require(cfg, until, eval_model)
+        if args.command == "check-template":
+            from sft_engine.preflight import check_model
+
+            problems = check_model(args.check_model or cfg.model, "--model", need_template=args.template is None)[0]
+            if problems:
+                raise PreflightError(problems)
+        log_file = console.log_path(cfg.work_dir, args.command)
+        console.setup(log_file, debug)
+        print(f"log: {log_file}")
+        return _dispatch(args, cfg, eval_model)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
+        return console.report(exc, log_file, debug)
+
+
+def _dispatch(args: argparse.Namespace, cfg: PipelineConfig, eval_model: str | None) -> int:
     if args.command == "train" and args.dry_run:
         from sft_engine.curation.stage import run_curate
         from sft_engine.stages import run_prepare, train_job
@@ -218,24 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MLflow sweep run: {result['mlflow_run_id']}  artifacts: {result['output_dir']}")
         return 0
     from flows.pipeline import sft_pipeline
-    from sft_engine.chat import TemplateError
-    from sft_engine.evaluate import GateFailed
 
     until = "evaluate" if args.command == "run" else args.command
-    model = getattr(args, "eval_model", None)
-    if model is not None and not (Path(model) / "config.json").is_file():
-        print(f"sft-pipeline: --model {model} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        result = sft_pipeline(config=config_to_dict(cfg), until=until, model=str(Path(model).resolve()) if model else None)
-    except GateFailed as exc:
-        print(f"sft-pipeline: {exc}\nEvery result is in MLflow (tag sft.gate=failed); relax evaluate.gate or fix the run.", file=sys.stderr)
-        return 3
-    except TemplateError as exc:
-        print(f"sft-pipeline: {exc}", file=sys.stderr)
-        return 4
+    result = sft_pipeline(config=config_to_dict(cfg), until=until, model=str(Path(eval_model).resolve()) if eval_model else None)
     _print_summary(result, cfg)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("metrics", "table")}))
     return 0
 
 

@@ -91,7 +91,8 @@ def sft_pipeline(
     tags = {"sft.stage": "sft_pipeline", "sft.until": until, **({"sft.evaluated_model": model} if model else {}), **({"sft.sweep_variant": variant} if variant else {})}
     client, parent = tracking.start_run(cfg, variant or "sft_pipeline", parent_run_id, tags=tags)
     tracking.log_config(client, parent, cfg)
-    result: dict[str, Any] = {"mlflow_run_id": parent, "tracking_uri": cfg.resolved_tracking_uri()}
+    result: dict[str, Any] = {"mlflow_run_id": parent, "tracking_uri": cfg.resolved_tracking_uri(),
+                              "flow_run_id": str(client.get_run(parent).data.tags.get("prefect.flow_run_id", ""))}
     try:
         result["curated"] = curate_flow(config, parent)
         if until != "curate":

@@ -38,6 +38,7 @@ ignored, so packed samples never learn across a boundary.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ from transformers.utils.chat_template_utils import _compile_jinja_template
 from sft_engine.config import HistoryPolicy, MaskStrategy
 from sft_engine.constants import IGNORE_INDEX
 from sft_engine.curation.schema import template_messages, template_tools
+from sft_engine.errors import UserError
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # What a generation prompt may add beyond the rendered turn: a think block it opens (or opens and closes).
@@ -71,8 +73,10 @@ PREPARE_REASONS = {
 }
 
 
-class TemplateError(ValueError):
-    """The tokenizer's chat template cannot be used for training; the message says why and what to do."""
+class TemplateError(UserError, ValueError):
+    """The tokenizer's chat template cannot be used for training; the message says why and what to do (exit 4)."""
+
+    exit_code = 4
 
 
 class RenderFailed(Exception):
@@ -238,8 +242,11 @@ def stop_tokens(tokenizer: PreTrainedTokenizerBase, render: Renderer, extra_ids:
         )
     eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) and tokenizer.eos_token else None
     ids = declared_ids | {control[t] for t in found}
-    longest = lambda texts: tuple(sorted(texts, key=len, reverse=True))  # noqa: E731
-    return Stops(frozenset(ids), longest(declared), longest(found - declared), eos)
+    return Stops(frozenset(ids), _longest_first(declared), _longest_first(found - declared), eos)
+
+
+def _longest_first(texts: set[str]) -> tuple[str, ...]:
+    return tuple(sorted(texts, key=len, reverse=True))
 
 
 # ---- planning: which text trains, per conversation ------------------------------------------------
@@ -694,7 +701,7 @@ class Labeler:
         cuts = sorted({0, len(sample.text), *(x for s in sample.spans for x in s)})
         ids_parts, lab_parts, w_parts = [], [], []
         span_w = {a: w for (a, _), w in zip(sample.spans, sample.weights, strict=True)}
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             piece = sample.text[a:b]
             if a == 0:
                 ids = self.backend.encode(piece, add_special_tokens=False).ids

@@ -17,14 +17,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sft_engine.curation.formats import COLUMN_FIELDS, FORMAT_NAMES
+from sft_engine.errors import UserError
 
 # The evaluation sets the pipeline ships (sft_engine.evalsets reads them from installed packages).
 MultipleChoiceSet = Literal["mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
 BuiltinEvalSet = Literal["verifiable_tasks_eval", "ifbench", "mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and the fix."""
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used; the message names the key and the fix (exit 2)."""
+
+    exit_code = 2
 
 
 # ---- cache keys, declared at the fields ---------------------------------------------------------

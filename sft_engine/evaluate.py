@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sft_engine.data import PackedDataset, collate
+from sft_engine.errors import UserError
 from sft_engine.loss import segment_loss_sums
 
 
@@ -205,10 +206,13 @@ def format_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-class GateFailed(RuntimeError):
-    """The tuned model did not pass ``evaluate.gate``; the message lists every failed rule."""
+class GateFailed(UserError, RuntimeError):
+    """The tuned model did not pass ``evaluate.gate``; the message lists every failed rule (exit 3)."""
+
+    exit_code = 3
 
     def __init__(self, reasons: list[str], result: dict[str, Any] | None = None) -> None:
-        super().__init__("evaluation gate failed: " + "; ".join(reasons))
+        super().__init__("evaluation gate failed: " + "; ".join(reasons)
+                         + " (every result is in MLflow, tag sft.gate=failed; relax evaluate.gate or fix the run)")
         self.reasons = reasons
         self.result = result or {}

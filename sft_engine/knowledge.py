@@ -9,8 +9,14 @@ loads them with ``dataset_path: json`` and never reaches the hub.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +80,11 @@ def run_knowledge(
 
     tasks = write_tasks(folder, names, limit)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-    res = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder)), num_fewshot=num_fewshot,
-        log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-    )
+    with _stderr_to_log():
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder)), num_fewshot=num_fewshot,
+            log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        )
     scores: dict[str, dict[str, float]] = {}
     items: list[dict[str, Any]] = []
     for name, task in zip(names, tasks, strict=True):
@@ -97,3 +104,26 @@ def run_knowledge(
                 "correct": bool(s["acc"]), "loglikelihoods": lls,
             })
     return scores, items
+
+
+@contextlib.contextmanager
+def _stderr_to_log() -> Iterator[None]:
+    """lm-eval's own progress bars (it passes ``disable=False`` to tqdm, so TQDM_DISABLE cannot reach them) and the
+    ``git describe`` it runs in a subprocess write to stderr: both go to the log (logger ``lm_eval``), not the
+    terminal. File descriptor 2 is redirected, since the subprocess writes there directly."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(io.TextIOWrapper(os.fdopen(os.dup(2), "wb"), write_through=True)):
+                yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", errors="replace").replace("\r", "\n")
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            if lines:
+                logging.getLogger("lm_eval").info("stderr of lm-eval (%d lines):\n%s", len(lines), "\n".join(lines[-200:]))

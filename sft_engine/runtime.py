@@ -5,6 +5,7 @@ Only ``setdefault``: anything the user exported wins. Set before the heavy libra
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -38,3 +39,10 @@ def apply_env_defaults() -> None:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     except ImportError:
         pass
+
+
+def notice(message: str) -> None:
+    """A one-line notice for the person running the pipeline (the CLI shows ``sft.console`` on the terminal):
+    one-time costs such as converting a packaged model or building a DeepSpeed op."""
+    logging.getLogger("sft.console").info(message)
+    logging.getLogger("sft_engine").info(message)

@@ -16,8 +16,8 @@ from typing import Any
 import polars as pl
 
 from sft_engine import __version__, plots
-from sft_engine.config import PipelineConfig, cache_view, config_to_dict
 from sft_engine.chat import TemplateError, generation_eos_ids
+from sft_engine.config import PipelineConfig, cache_view, config_to_dict
 from sft_engine.data import prepare_split
 from sft_engine.evalsets import ifbench_items, verifiable_items
 from sft_engine.evaluate import generate, generate_samples, heldout_loss, results_table, score_tasks
@@ -219,17 +219,29 @@ def score_key(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: p
     })
 
 
-def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: pl.DataFrame) -> StageOutput:
+def scoring_steps(cfg: PipelineConfig) -> int:
+    """How many times ``score_model`` reports progress for one model: held-out loss, each suite, the samples."""
+    ev = cfg.evaluate
+    return 2 + bool(ev.knowledge.tasks) + bool(ev.ifbench_limit) + bool(ev.tasks_limit)
+
+
+def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: pl.DataFrame,
+                progress: Callable[[str], None] | None = None) -> StageOutput:
     """Every suite for one model, cached by ``score_key``: ``metrics.json`` (flat ``<suite>.<metric>``),
     ``items.jsonl``, ``samples.json``. The base model is scored once and reused by every fine-tune evaluated against it.
+    ``progress`` is called once as each of the ``scoring_steps`` finishes, with its name.
     """
     ev = cfg.evaluate
     out = stage_dir(cfg.work_dir, "evaluate_models", score_key(cfg, folder, heldout_arrow, prompts))
+    step = progress or (lambda _name: None)
     if is_complete(out):
+        for _ in range(scoring_steps(cfg)):
+            step("reused")
         return StageOutput(out, reused=True)
     with atomic_dir(out) as tmp:
         model, tokenizer = load_model(folder), load_tokenizer(folder)
         flat = {f"heldout.{k}": v for k, v in heldout_loss(model, heldout_arrow, ev.micro_batch_size, ev.max_heldout_rows).items()}
+        step("held-out loss")
         items: list[dict[str, Any]] = []
         if ev.knowledge.tasks:
             scores, recs = run_knowledge(
@@ -239,30 +251,36 @@ def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts:
             shutil.rmtree(tmp / "lm_eval_tasks")
             flat.update({f"knowledge.{t}.{k}": v for t, sc in scores.items() for k, v in sc.items()})
             items += recs
+            step("knowledge")
         if ev.ifbench_limit:
             ifb = list(ifbench_items()[: ev.ifbench_limit])
             chats = [[{"role": "user", "content": it["prompt"]}] for it in ifb]
             scores_if, recs = score_ifbench(ifb, generate(model, tokenizer, chats, ev.ifbench_max_new_tokens, ev.gen_batch_size))
             flat.update({f"ifbench.{k}": v for k, v in scores_if.items()})
             items += recs
+            step("ifbench")
         if ev.tasks_limit:
             tasks = verifiable_items()[: ev.tasks_limit]
             chats = [[{"role": "user", "content": it["prompt"]}] for it in tasks]
             scores_t, recs = score_tasks(tasks, generate(model, tokenizer, chats, ev.max_new_tokens, ev.gen_batch_size))
             flat.update({f"tasks.{k}": v for k, v in scores_t.items()})
             items += recs
+            step("tasks")
         samples = generate_samples(model, tokenizer, prompts, ev.generate_samples, ev.max_new_tokens)
+        step("samples")
         write_json_atomic(tmp / "metrics.json", flat)
         (tmp / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
         (tmp / "samples.json").write_text(json.dumps(samples, indent=2))
     return StageOutput(out, reused=False)
 
 
-def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: Path) -> StageOutput:
+def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: Path,
+                 progress: Callable[[str], None] | None = None) -> StageOutput:
     """Base vs tuned on the same items: held-out loss, knowledge (lm-eval), IFBench rules, the verifiable tasks.
 
     Writes ``metrics.json`` (flat metrics per model), ``table.json``/``table.csv`` (metric, base, tuned, delta,
-    stderrs), ``items.jsonl`` (every scored item per model), ``samples.json`` and ``eval_table.png``.
+    stderrs), ``items.jsonl`` (every scored item per model), ``samples.json`` and ``eval_table.png``. ``progress``:
+    called ``scoring_steps`` times per model (``evaluation_models`` of them), with "<model>: <step>".
     """
 
     base_dir = resolve_model(cfg.model)
@@ -279,7 +297,8 @@ def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: 
     with atomic_dir(out) as tmp:
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as items_file:
             for name, folder in models.items():
-                scored = score_model(cfg, folder, _heldout_data(cfg, curated, prepared, folder), prompts).path
+                report = None if progress is None else (lambda step, name=name: progress(f"{name}: {step}"))
+                scored = score_model(cfg, folder, _heldout_data(cfg, curated, prepared, folder), prompts, report).path
                 metrics[name] = read_json(scored / "metrics.json")
                 samples[name] = json.loads((scored / "samples.json").read_text())
                 for line in (scored / "items.jsonl").read_text(encoding="utf-8").splitlines():

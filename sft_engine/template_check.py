@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sft_engine.chat import Labeler, Planned, Planner, RenderFailed, TemplateError, inference_target, plan_conversation, trained_turns
+from sft_engine.chat import (
+    Labeler,
+    Planned,
+    Planner,
+    RenderFailed,
+    TemplateError,
+    inference_target,
+    plan_conversation,
+    trained_turns,
+)
 from sft_engine.config import HistoryPolicy, MaskStrategy
 from sft_engine.constants import IGNORE_INDEX
 from sft_engine.curation.schema import dumps, template_messages, template_tools

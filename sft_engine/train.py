@@ -36,6 +36,7 @@ from sft_engine.config import ConfigError, TrainConfig
 from sft_engine.data import PackedDataset, iter_batches
 from sft_engine.loss import sample_count, sample_loss_sum, supervised_count, token_loss_sum
 from sft_engine.model import load_model, load_tokenizer
+from sft_engine.runtime import notice
 
 COMPLETE = "_COMPLETE"
 
@@ -66,6 +67,9 @@ def init_distributed() -> tuple[int, int]:
             # One rank has no peer to agree on a port with, so it always takes a fresh one: an inherited
             # MASTER_PORT (a Dask worker inherits its parent's environment) may be held by the parent's store.
             os.environ["MASTER_PORT"] = str(_free_port())
+        ext = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+        if not torch.cuda.is_available() and os.environ.get("TORCH_EXTENSIONS_DIR") and not ext.is_file():
+            notice(f"building DeepSpeed's shared-memory op once (~30-45 s on 2 cores; cached in {ext.parent.parent})")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -8,6 +8,7 @@ pipeline run in MLflow shows all four stages.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +20,18 @@ from prefect.cache_policies import NO_CACHE
 from sft_engine import stages
 from sft_engine.config import PipelineConfig, config_to_dict
 from sft_engine.curation import stage as curation
+from sft_engine.errors import DataError
 from sft_engine.evaluate import check_gate, format_table, table_metrics
 from sft_engine.io import StageOutput, read_json
 from tasks import tracking
+from tasks.report import say
+
+_started: dict[str, float] = {}
+
+
+def _done(stage: str, message: str) -> None:
+    """A stage's end line: its figures and how long it took."""
+    say(f"{message} ({time.perf_counter() - _started.get(stage, time.perf_counter()):.1f} s)")
 
 
 @contextmanager
@@ -29,6 +39,8 @@ def stage_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None) -> Ite
     """A nested MLflow run for one stage, marked FAILED if the stage raises."""
     client, run_id = tracking.start_run(cfg, stage, parent_run_id)
     tracking.log_params(client, run_id, {"model": cfg.model, "seed": cfg.seed, stage: config_to_dict(getattr(cfg, stage))})
+    say(f"{stage} ...")
+    _started[stage] = time.perf_counter()
     try:
         yield client, run_id
     except BaseException:
@@ -67,7 +79,6 @@ def curate_task(
     units: list[StageOutput] | None = None,
 ) -> Path:
     """Dedup, split and mix the checked sources; given no ``plan``, runs every unit first, in this task."""
-    log = get_run_logger()
     with stage_run(cfg, "curate", parent_run_id) as (client, run_id):
         res = curation.run_curate(cfg) if plan is None else curation.run_curate_global(cfg, plan, units or [])
         out = res.path
@@ -88,11 +99,17 @@ def curate_task(
         client.log_artifacts(run_id, str(out / "drop_samples"), "drop_samples")
         tracking.log_dataset(client, run_id, "curated", stats["digest"], out, {"rows_train": stats["rows_train_mixed"]})
         _cached_tag(client, run_id, res)
-        log.info(
-            "curate: %d rows in, %d kept (%d train, %d held out; %d repaired %s), %d dropped %s%s",
-            stats["rows_in"], stats["rows_kept"], stats["rows_train"], stats["rows_heldout"], stats.get("rows_repaired", 0),
-            json.dumps(stats.get("repaired_by_kind", {})), stats["rows_dropped"], json.dumps(stats["dropped_by_reason"]),
-            " [reused]" if res.reused else "",
+        if not stats["rows_train_mixed"]:
+            raise DataError(
+                f"curation kept no training row: all {stats['rows_in']:,} rows were dropped "
+                f"{json.dumps(stats['dropped_by_reason'])} or held out (the rows and reasons: {out / 'rejected.parquet'}, "
+                f"{out / 'report.md'}); fix the sources or relax the rule that drops them (curate.*)"
+            )
+        _done(
+            "curate",
+            f"curate: {stats['rows_in']:,} rows in, {stats['rows_kept']:,} kept ({stats['rows_train']:,} train, "
+            f"{stats['rows_heldout']:,} held out; {stats.get('rows_repaired', 0):,} repaired), {stats['rows_dropped']:,} dropped "
+            f"{json.dumps(stats['dropped_by_reason'])}{' [reused]' if res.reused else ''}"
         )
     return out
 
@@ -100,7 +117,6 @@ def curate_task(
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(cfg: PipelineConfig, curated: Path, parent_run_id: str | None = None) -> Path:
     """Render chat templates, mask labels, and pack with best-fit decreasing."""
-    log = get_run_logger()
     with stage_run(cfg, "prepare", parent_run_id) as (client, run_id):
         from rich.progress import Progress
 
@@ -120,9 +136,17 @@ def prepare_task(cfg: PipelineConfig, curated: Path, parent_run_id: str | None =
         tracking.log_dataset(client, run_id, "packed", manifest["digest"], out, {"rows": manifest["splits"]["train"]["rows_packed"]})
         _cached_tag(client, run_id, res)
         train = manifest["splits"]["train"]
-        log.info(
-            "prepare: %d samples -> %d rows of %d tokens, fill %.2f%%, %d supervised tokens",
-            train["samples_packed"], train["rows_packed"], manifest["max_seq_len"], 100 * train["fill"], train["supervised_tokens"],
+        if not train["samples_packed"]:
+            raise DataError(
+                f"preparation left no training sample: the {train['rows_in']:,} curated conversations were all dropped "
+                f"{json.dumps(train['dropped_by_reason'])}; check the template with `sft-pipeline check-template --model "
+                f"{cfg.model}` and see the drop reasons in the README (prepare.max_seq_len for pack_too_long)"
+            )
+        _done(
+            "prepare",
+            f"prepare: {train['rows_in']:,} conversations -> {train['samples_packed']:,} samples -> {train['rows_packed']:,} rows "
+            f"of {manifest['max_seq_len']:,} tokens, fill {100 * train['fill']:.2f} %, {train['supervised_tokens']:,} supervised "
+            f"tokens, dropped {json.dumps(train['dropped_by_reason'])}{' [reused]' if res.reused else ''}"
         )
     return out
 
@@ -130,7 +154,6 @@ def prepare_task(cfg: PipelineConfig, curated: Path, parent_run_id: str | None =
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig, prepared: Path, parent_run_id: str | None = None) -> Path:
     """Fine-tune with DeepSpeed; returns the folder of the saved Hugging Face model."""
-    log = get_run_logger()
     with stage_run(cfg, "train", parent_run_id) as (client, run_id):
         on_step: Callable[[int, dict[str, float]], None] = lambda step, m: tracking.log_metrics(client, run_id, m, step)
         with tracking.system_metrics(cfg, run_id):
@@ -147,7 +170,8 @@ def train_task(cfg: PipelineConfig, prepared: Path, parent_run_id: str | None = 
         client.set_tag(run_id, "model_path", str(out / "model"))
         if cfg.train.log_model:
             client.log_artifacts(run_id, str(out / "model"), "model")
-        log.info("train: %d steps, loss %.4f -> %.4f, %.0f tokens/s", stats["steps"], stats["first_loss"], stats["final_loss"], stats["tokens_per_s"])
+        _done("train", f"train: {stats['steps']} steps, loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}, "
+            f"{stats['tokens_per_s']:.0f} tokens/s{' [reused]' if res.reused else ''}")
     return out / "model"
 
 
@@ -156,7 +180,13 @@ def evaluate_task(cfg: PipelineConfig, curated: Path, prepared: Path, model_dir:
     """Base vs tuned on every suite; logs the table, plot and per-item outputs, and applies the gate."""
     log = get_run_logger()
     with stage_run(cfg, "evaluate", parent_run_id) as (client, run_id):
-        res = stages.run_evaluate(cfg, curated, prepared, model_dir)
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            total = stages.scoring_steps(cfg) * (2 if cfg.evaluate.compare_base else 1)
+            job = bar.add_task("scoring", total=total)
+            res = stages.run_evaluate(cfg, curated, prepared, model_dir,
+                                      progress=lambda step: bar.update(job, advance=1, description=f"scoring (done: {step})"))
         out = res.path
         _cached_tag(client, run_id, res)
         table = read_json(out / "table.json")
@@ -165,8 +195,8 @@ def evaluate_task(cfg: PipelineConfig, curated: Path, prepared: Path, model_dir:
         tracking.log_metrics(client, run_id, metrics)
         tracking.log_files(client, run_id, out, (".json", ".png", ".csv", ".jsonl"))
         _gate_tags(client, run_id, passed, reasons)
-        log.info("evaluate:\n%s", format_table(table))
-        log.info("evaluate: gate %s%s", "passed" if passed else "FAILED: ", "; ".join(reasons))
+        log.info("evaluate:\n%s", format_table(table))  # the run's log; the terminal gets the table once, at the end
+        _done("evaluate", f"evaluate: {len(table)} metrics, base vs tuned; gate {'passed' if passed else 'FAILED'}{' [reused]' if res.reused else ''}")
     return {"metrics": read_json(out / "metrics.json"), "table": table, "table_metrics": metrics, "gate": {"passed": passed, "reasons": reasons},
             "output_dir": str(out), "mlflow_run_id": run_id}
 
@@ -194,5 +224,5 @@ def register_task(cfg: PipelineConfig, model_dir: Path, curated: Path, prepared:
     }
     for k, v in lineage.items():
         client.set_model_version_tag(cfg.evaluate.register_model, version, k, v)
-    get_run_logger().info("registered model '%s' version %s", cfg.evaluate.register_model, version)
+    say(f"registered model '{cfg.evaluate.register_model}' version {version}")
     return version

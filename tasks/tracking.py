@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -47,7 +48,52 @@ def client_for(cfg: PipelineConfig) -> tuple[MlflowClient, str]:
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.resolved_tracking_uri()
     with _store_lock(uri):
+        if uri.startswith("sqlite:///"):
+            ensure_sqlite_store(Path(uri[len("sqlite:///") :]))
         return _experiment(MlflowClient(tracking_uri=uri), cfg, uri)
+
+
+def _schema_state(path: Path) -> tuple[str | None, bool, int]:
+    """(schema version, half-migrated, runs) of an SQLite MLflow store, read with sqlite3 alone."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = con.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+        runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+        return (version[0] if version else None), any(t.startswith("_alembic_tmp") for t in tables), runs
+    finally:
+        con.close()
+
+
+def ensure_sqlite_store(path: Path) -> None:
+    """Make the SQLite store appear only complete. Called under the store's lock.
+
+    MLflow creates its tables and runs a chain of migrations on first use; a process killed in the middle (an OOM
+    kill, a closed laptop lid) leaves a half-migrated file that every later run fails on ("duplicate column name",
+    "table _alembic_tmp_experiments already exists"). So a new store is built in a temporary file and renamed into
+    place; temporary files left by a killed creator are removed (creation only happens under the lock, so none is
+    live); and a store left half-migrated by an earlier version, with no run in it, is moved aside and rebuilt.
+    """
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    for stale in path.parent.glob(path.name + ".tmp-*"):
+        stale.unlink(missing_ok=True)
+    if path.is_file():
+        version, half, runs = _schema_state(path)
+        if version == _get_latest_schema_revision() and not half:
+            return
+        if runs:
+            return  # a store with runs in it is MLflow's to upgrade ('mlflow db upgrade'), not ours to move
+        aside = path.with_name(f"{path.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").resolve().as_uri())
+    store.engine.dispose()
+    os.replace(tmp, path)
 
 
 def _experiment(client: MlflowClient, cfg: PipelineConfig, uri: str) -> tuple[MlflowClient, str]:

@@ -53,7 +53,7 @@ class Family:
     stops: tuple[str, ...] = ()
 
 
-DEEPSEEK = dict(eos="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>")
+DEEPSEEK = {"eos": "<｜end▁of▁sentence｜>", "bos": "<｜begin▁of▁sentence｜>"}
 FAMILIES = [
     Family(r"Hermes-(2-Pro|3)", "llama-bpe", eos="<|im_end|>", stops=("<|end_of_text|>",)),
     Family(r"Llama-3\.[123]|firefunction|functionary", "llama-bpe", eos="<|eot_id|>", stops=("<|end_of_text|>", "<|eom_id|>")),
@@ -130,25 +130,33 @@ def _name_qwen_tokens(folder: Path) -> None:
     config_path.write_text(json.dumps(config, ensure_ascii=False))
 
 
-def corpus_tokenizer(template: Path, smollm2: PreTrainedTokenizerBase | None = None) -> tuple[PreTrainedTokenizerBase, tuple[int, ...]]:
-    """The tokenizer a model of this template would bring, and its generation config's extra stop ids."""
-    fam = family_of(template.name)
-    if fam.vocab is not None:
-        tok = AutoTokenizer.from_pretrained(_vocab_folder(fam.vocab))
-    else:
-        import copy
+@cache
+def _base_tokenizer(vocab: str | None) -> tuple[PreTrainedTokenizerBase, str | None, str | None]:
+    """One loaded tokenizer per vocabulary (loading a 150k vocabulary takes over a second), with its eos and bos."""
+    tok = AutoTokenizer.from_pretrained(_vocab_folder(vocab)) if vocab is not None else smollm2_tokenizer()
+    return tok, tok.eos_token, tok.bos_token
 
-        tok = copy.deepcopy(smollm2 if smollm2 is not None else smollm2_tokenizer())
+
+def corpus_tokenizer(template: Path) -> tuple[PreTrainedTokenizerBase, tuple[int, ...]]:
+    """The tokenizer a model of this template would bring, and its generation config's extra stop ids.
+
+    The vocabulary's tokenizer is shared between templates that need no token added to it (its eos, bos and chat
+    template are set on every call); one that needs tokens gets a copy of its own.
+    """
+    import copy
+
+    fam = family_of(template.name)
+    base, eos, bos = _base_tokenizer(fam.vocab)
     text = template.read_text()
-    vocab = tok.get_vocab()
+    vocab = base.get_vocab()
     wanted = sorted({t for t in _CONTROL.findall(text)} | {t for t in (fam.eos, fam.bos, *fam.stops) if t})
     missing = [t for t in wanted if t not in vocab]
+    tok = base
     if missing:
+        tok = copy.deepcopy(base)
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    if fam.eos:
-        tok.eos_token = fam.eos
-    if fam.bos:
-        tok.bos_token = fam.bos
+    tok.eos_token = fam.eos or eos
+    tok.bos_token = fam.bos or bos
     tok.chat_template = text
     stops = tuple(tok.convert_tokens_to_ids(t) for t in fam.stops)
     return tok, stops
@@ -188,8 +196,26 @@ def corpus_runs(folder: Path | None = None, only: str | None = None) -> list[tup
     return runs
 
 
-def run_corpus(folder: Path | None = None) -> list[CheckReport]:
-    return [check_corpus_template(p, kw) for p, kw in corpus_runs(folder)]
+def _check_run(run: tuple[Path, dict | None]) -> CheckReport:
+    return check_corpus_template(*run)
+
+
+def run_corpus(folder: Path | None = None, workers: int = 2) -> list[CheckReport]:
+    """Every run of ``corpus_runs``, on ``workers`` processes. Spawned, not forked: a fork of a process whose
+    threads hold locks (the tokenizers' pool, a test's Prefect server) can hang."""
+    runs = corpus_runs(folder)
+    if workers <= 1:
+        return [_check_run(r) for r in runs]
+    import multiprocessing
+
+    # Templates of one vocabulary together, so each process loads a vocabulary once.
+    order = sorted(range(len(runs)), key=lambda i: (family_of(runs[i][0].name).vocab or "", i))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        done = pool.map(_check_run, [runs[i] for i in order], chunksize=(len(runs) + 2 * workers - 1) // (2 * workers))
+    out: list[CheckReport | None] = [None] * len(runs)
+    for i, report in zip(order, done, strict=True):
+        out[i] = report
+    return out  # type: ignore[return-value]
 
 
 def summarize(reports: list[CheckReport]) -> dict[str, int]:
@@ -231,10 +257,10 @@ def render_doc(reports: list[CheckReport]) -> str:
         "`tests/test_template_corpus.py`): `sft_engine.template_check` on every `models/templates/*.jinja` of the",
         "`llama-cpp-python==0.3.36` source archive, each on its family's vocabulary (`tests/template_corpus.py`).",
         "",
-        f"**{len({r.template.split(' [')[0] for r in reports})} templates in {len(reports)} runs, "
-        f"{counts['pass'] + counts['fail'] + counts['rejected']} (template, shape) pairs: "
-        f"{counts['pass']} pass, {counts['fail']} fail, {counts['rejected']} rejected by the template itself. "
-        f"Of the {accepted} pairs a template renders, {100 * counts['pass'] / max(accepted, 1):.1f} % pass.**",
+        (f"**{len({r.template.split(' [')[0] for r in reports})} templates in {len(reports)} runs, "
+         f"{counts['pass'] + counts['fail'] + counts['rejected']} (template, shape) pairs: "
+         f"{counts['pass']} pass, {counts['fail']} fail, {counts['rejected']} rejected by the template itself. "
+         f"Of the {accepted} pairs a template renders, {100 * counts['pass'] / max(accepted, 1):.1f} % pass.**"),
         "",
         "A shape is *rejected* when the template itself raises on it (Gemma-2 has no system role, Llama-3.1 takes one",
         "tool call at a time, the tool_use templates need tools, Kimi-K2 calls `list.append`, which transformers'",

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sft_engine.chat import Planner, Renderer, plan_conversation, tokenize_conversations, trained_turns
+from sft_engine.chat import Planner, plan_conversation, tokenize_conversations, trained_turns
 from sft_engine.config import HistoryPolicy, MaskStrategy
 from sft_engine.constants import IGNORE_INDEX
 from tests.conftest import CHATML
@@ -65,7 +65,7 @@ def test_conversation_without_trainable_tokens_is_dropped_with_reason(smollm2_to
 
 def _spans(tok, msgs, strategy=MaskStrategy.ALL_ASSISTANT) -> tuple[str, list[str]]:
     planner = Planner(tok, strategy, HistoryPolicy.EXPAND)
-    full, samples = plan_conversation(planner.render, msgs, None, {}, trained_turns(msgs, strategy), HistoryPolicy.EXPAND,
+    _, samples = plan_conversation(planner.render, msgs, None, {}, trained_turns(msgs, strategy), HistoryPolicy.EXPAND,
                                       planner.stops, [1.0] * len(msgs))
     (sample,) = samples
     return sample.text, [sample.text[a:b] for a, b in sample.spans]

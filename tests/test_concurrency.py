@@ -83,35 +83,59 @@ def test_two_runs_at_once_share_prefect_server_and_mlflow_store(prefect_api: str
     assert len(runs) == 2 * 5
 
 
-def test_pipeline_killed_mid_training_reruns_to_identical_model(prefect_api: str, tiny_model: Path, tmp_path: Path) -> None:
+def _outputs(work_dir: Path) -> dict[str, list[str]]:
+    """Digest of every output a rerun must reproduce: curated splits, packed rows, the model, the evaluation table."""
     from sft_engine.io import digest_file
 
+    files = {
+        "curated": "curate/*/train.parquet", "heldout": "curate/*/heldout.parquet", "packed": "prepare/*/train.arrow",
+        "model": "train/*/model/model.safetensors", "table": "evaluate/*/table.json",
+    }
+    return {name: sorted(digest_file(p) for p in work_dir.glob(pattern)) for name, pattern in files.items()}
+
+
+# Where to kill a run, as the file or folder whose appearance says it is there: inside the MLflow store's creation,
+# then inside curation, preparation, training (after two complete checkpoints) and the scoring of a model.
+KILL_POINTS = {
+    "store creation": "mlflow.db.tmp-*",
+    "curation": "curate*/.tmp-*",
+    "preparation": "prepare/.tmp-*",
+    "training": "checkpoints/*/step-00000006/_COMPLETE",
+    "scoring": "evaluate_models/.tmp-*",
+}
+
+
+def test_a_run_killed_at_any_point_reruns_to_the_same_outputs(prefect_api: str, tiny_model: Path, tmp_path: Path) -> None:
+    """SIGKILL at five points of one first run, each rerun killed at the next; the last rerun completes, and every
+    output equals an uninterrupted run's, the model resumed from its last complete checkpoint."""
     base = [
-        sys.executable, "-m", "flows.cli", "train", "-c", str(ROOT / "conf" / "demo.yaml"), f"model={tiny_model}",
-        "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 300}]", "prepare.max_seq_len=128",
-        "train.max_steps=60", "train.grad_accum=1", "train.checkpoint_every=5", "train.lr=1e-3",
+        sys.executable, "-m", "flows.cli", "run", "-c", str(ROOT / "conf" / "demo.yaml"), f"model={tiny_model}",
+        "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 200}]", "prepare.max_seq_len=128",
+        "train.max_steps=40", "train.grad_accum=1", "train.checkpoint_every=3", "train.lr=1e-3", "experiment=killed",
+        "evaluate.knowledge.tasks=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench_limit=2",
+        "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=2", "evaluate.generate_samples=1", "evaluate.max_new_tokens=4",
+        "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.max_knowledge_drop=null",
     ]
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
+    # The uninterrupted reference runs beside the killed chain (its own work_dir and experiment), on the other core.
+    clean = subprocess.Popen([*base, f"work_dir={tmp_path / 'clean'}", "experiment=clean"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*base, f"work_dir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    ckpts = killed / "checkpoints"
-    while time.time() < deadline and proc.poll() is None:
-        done = [p for d in ckpts.glob("*") for p in d.glob("step-*/_COMPLETE")] if ckpts.exists() else []
-        if len(done) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed; raise train.max_steps"
-    os.kill(proc.pid, 9)
-    proc.wait()
-    assert not list(killed.glob("train/*/_SUCCESS"))  # nothing published by the killed run
-
+    for point, pattern in KILL_POINTS.items():
+        proc = subprocess.Popen([*base, f"work_dir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list(killed.glob(pattern)):
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before reaching {point} (exit {proc.returncode})"
+        os.kill(proc.pid, 9)
+        proc.wait()
+    assert not list(killed.glob("evaluate/*/_SUCCESS"))  # no killed run got as far as publishing the evaluation
     rerun = subprocess.run([*base, f"work_dir={killed}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert rerun.returncode == 0, rerun.stdout[-3000:]
-    clean = subprocess.run([*base, f"work_dir={tmp_path / 'clean'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert clean.returncode == 0, clean.stdout[-3000:]
-    (a,) = (killed / "train").glob("*/model/model.safetensors")
-    (b,) = (tmp_path / "clean" / "train").glob("*/model/model.safetensors")
-    assert digest_file(a) == digest_file(b)
-    stats = json.loads((a.parent.parent / "stats.json").read_text())
-    assert stats["resumed_from_step"] >= 10 and stats["steps"] == 60
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    clean_out = clean.communicate(timeout=600)[0]
+    assert clean.returncode == 0, clean_out[-3000:]
+    assert _outputs(killed) == _outputs(tmp_path / "clean")
+    (stats,) = killed.glob("train/*/stats.json")
+    train = json.loads(stats.read_text())
+    assert train["resumed_from_step"] >= 6 and train["steps"] == 40
+    assert not list(killed.rglob(".tmp-*")) and not list(killed.glob("mlflow.db.tmp-*"))

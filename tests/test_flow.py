@@ -165,9 +165,11 @@ def test_train_dry_run_prints_exact_launcher_command(tiny_model: Path, tmp_path:
     assert main(["train", "--dry-run", "-c", "conf/demo.yaml", *base, "train.nproc=2"]) == 0
     out = capsys.readouterr().out
     assert "-m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1" in out and "-m sft_engine.launch" in out
-    assert main(["train", "--dry-run", "-c", "conf/demo.yaml", *base, "train.hostfile=/etc/hosts.ds"]) == 0
+    hostfile = tmp_path / "hosts.ds"
+    hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
+    assert main(["train", "--dry-run", "-c", "conf/demo.yaml", *base, f"train.hostfile={hostfile}"]) == 0
     out = capsys.readouterr().out
-    assert "deepspeed --hostfile /etc/hosts.ds --master_port" in out and "--module sft_engine.launch" in out
+    assert f"deepspeed --hostfile {hostfile} --master_port" in out and "--module sft_engine.launch" in out
     assert not (tmp_path / "train").exists()
 
 

@@ -79,12 +79,12 @@ def test_sweep_end_to_end_then_rerun_with_one_more_variant(prefect_server, tiny_
         "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=3", "evaluate.max_new_tokens=4", "evaluate.generate_samples=1",
         "evaluate.gate.max_knowledge_drop=null", "evaluate.gate.heldout_loss_must_drop=false",
         "sweep.baseline=false", "sweep.leave_one_out=true", "sweep.token_budget=1024",
-        "sweep.variants=[{name: more_tasks, overrides: [curate.sources.0.weight=2]}, {name: more_chat, overrides: [curate.sources.1.weight=3]}]",
+        "sweep.variants=[{name: more_tasks, overrides: [curate.sources.0.weight=2]}]",
     ]
     cfg = load_config(None, common)
     result = sft_sweep(config=config_to_dict(cfg))
 
-    names = ["more_tasks", "more_chat", "without_tasks", "without_chat"]
+    names = ["more_tasks", "without_tasks", "without_chat"]
     assert [r["variant"] for r in result["rows"]] == ["base", *names]
     assert {v["steps"] for v in result["variants"].values()} == {2}  # 1024 tokens / (256 x 1 x 2)
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri())
@@ -109,9 +109,9 @@ def test_sweep_end_to_end_then_rerun_with_one_more_variant(prefect_server, tiny_
     # only the new one trains (in a Dask worker process).
     more = load_config(None, [*common, "sweep.max_concurrent=2", "sweep.runner=dask",
                               ("sweep.variants=[{name: more_tasks, overrides: [curate.sources.0.weight=2]}, "
-                               "{name: more_chat, overrides: [curate.sources.1.weight=3]}, {name: lr_low, overrides: [train.lr=1e-3]}]")])
+                               "{name: lr_low, overrides: [train.lr=1e-3]}]")])
     again = sft_sweep(config=config_to_dict(more))
-    assert [r["variant"] for r in again["rows"]] == ["base", "more_tasks", "more_chat", "lr_low", "without_tasks", "without_chat"]
+    assert [r["variant"] for r in again["rows"]] == ["base", "more_tasks", "lr_low", "without_tasks", "without_chat"]
     runs = client.search_runs([sweep_run.info.experiment_id], f"tags.mlflow.parentRunId = '{again['mlflow_run_id']}'")
     train_cached = {}
     for r in runs:
@@ -119,7 +119,7 @@ def test_sweep_end_to_end_then_rerun_with_one_more_variant(prefect_server, tiny_
             (train,) = client.search_runs([sweep_run.info.experiment_id],
                                           f"tags.mlflow.parentRunId = '{r.info.run_id}' and tags.`sft.stage` = 'train'")
             train_cached[r.data.tags["sft.sweep_variant"]] = train.data.tags["cached"]
-    assert train_cached == {"more_tasks": "true", "more_chat": "true", "without_tasks": "true", "without_chat": "true", "lr_low": "false"}
+    assert train_cached == {"more_tasks": "true", "without_tasks": "true", "without_chat": "true", "lr_low": "false"}
     assert json.loads((Path(again["output_dir"]) / "comparison.json").read_text()) == again["rows"]
 
 

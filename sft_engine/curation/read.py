@@ -24,12 +24,14 @@ from typing import Any
 import orjson
 import polars as pl
 
+from sft_engine.errors import DataError
+
 # Raw preview kept for a rejected row, so a curator sees what was wrong without the 10 MB row itself.
 RAW_PREVIEW_CHARS = 500
 
 
-class SourceError(RuntimeError):
-    """A file that cannot be read at all; the message names the file, the cause and the fix."""
+class SourceError(DataError):
+    """A file that cannot be read at all; the message names the file, the cause and the fix (exit 5)."""
 
 
 @dataclass(frozen=True)
