@@ -45,10 +45,10 @@ def test_preflight_lists_every_problem_in_one_line_each_before_any_work(tmp_path
     assert code == 2
     lines = err.strip().splitlines()
     assert lines == [
-        "sft-pipeline: source 'a': '/nowhere/*.jsonl' matches no file (curate.sources.0.path); check the path or glob "
-        "(relative paths start from the directory you run in)",
-        f"sft-pipeline: model '{tmp_path / 'no_model'}' is neither a packaged model (smollm2-135m) nor a folder (model); "
-        "pass model=/path/to/hf_model_folder (a Hugging Face folder with config.json and *.safetensors)",
+        ("sft-pipeline: source 'a': '/nowhere/*.jsonl' matches no file (curate.sources.0.path); check the path or glob "
+         "(relative paths start from the directory you run in)"),
+        (f"sft-pipeline: model '{tmp_path / 'no_model'}' is neither a packaged model (smollm2-135m) nor a folder (model); "
+         "pass model=/path/to/hf_model_folder (a Hugging Face folder with config.json and *.safetensors)"),
         "sft-pipeline: hostfile line 'node2 two-slots' does not parse (train.hostfile); write each node as 'hostname slots=N'",
     ]
     assert out == "" and not work.exists()
