@@ -395,6 +395,10 @@ class EvalConfig(_Strict):
 
     compare_base: bool = Field(json_schema_extra=keyed("evaluate"), default=True, description="Also evaluate the base model on the same items.")
     micro_batch_size: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=2, ge=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        json_schema_extra=keyed("evaluate.score", "evaluate"), default="fp32",
+        description="Scoring forwards in fp32, or under bf16 autocast (~1.7x faster on CPUs with avx512_bf16; base and tuned alike).",
+    )
     max_heldout_rows: int | None = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=None, ge=1, description="Cap on held-out packed rows (None = all).")
     generate_samples: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=4, ge=0, description="Held-out prompts to generate answers for (shown, not scored).")
     max_new_tokens: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=48, ge=1, description="Generation cap for samples and the task set.")

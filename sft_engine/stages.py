@@ -8,7 +8,9 @@ complete is not run again; a stage killed midway leaves no complete-looking fold
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,16 @@ from sft_engine.chat import TemplateError, generation_eos_ids
 from sft_engine.config import PipelineConfig, cache_view, config_to_dict
 from sft_engine.data import prepare_split
 from sft_engine.evalsets import ifbench_items, verifiable_items
-from sft_engine.evaluate import generate, generate_samples, heldout_loss, results_table, score_tasks
+from sft_engine.evaluate import (
+    generate,
+    generate_samples,
+    heldout_sample_losses,
+    heldout_summary,
+    inference_precision,
+    paired_loss_delta_stderr,
+    results_table,
+    score_tasks,
+)
 from sft_engine.instruct import score_ifbench
 from sft_engine.io import (
     StageOutput,
@@ -81,7 +92,7 @@ def evaluate_key(cfg: PipelineConfig, prepared: Path, model_dir: Path, curated: 
         "evaluate": cache_view(cfg, "evaluate"),
         "model": weights_digest(model_dir),
         "base": weights_digest(resolve_model(cfg.model)) if cfg.evaluate.compare_base else None,
-        "v": __version__,
+        "v": __version__, "format": SCORE_FORMAT,
     })
 
 
@@ -210,12 +221,16 @@ def _heldout_data(cfg: PipelineConfig, curated: Path, prepared: Path, folder: Pa
     return run_prepare(cfg.model_copy(update={"model": str(folder)}), curated).path / "heldout.arrow"
 
 
+# Bumped when a scored folder's files change (2: per-sample held-out losses for the paired comparison).
+SCORE_FORMAT = 2
+
+
 def score_key(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: pl.DataFrame) -> str:
     """One model's weights and tokenizer, the held-out data and prompts, and the evaluate.score fields."""
     return digest_json({
         "weights": weights_digest(folder), "tokenizer": tokenizer_digest(folder), "heldout": digest_file(heldout_arrow),
         "prompts": digest_json(prompts.select("messages").to_dicts()),
-        "evaluate": cache_view(cfg, "evaluate.score"), "v": __version__,
+        "evaluate": cache_view(cfg, "evaluate.score"), "v": __version__, "format": SCORE_FORMAT,
     })
 
 
@@ -233,14 +248,23 @@ def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts:
     """
     ev = cfg.evaluate
     out = stage_dir(cfg.work_dir, "evaluate_models", score_key(cfg, folder, heldout_arrow, prompts))
-    step = progress or (lambda _name: None)
+    started = [time.perf_counter()]
+
+    def step(name: str) -> None:
+        logging.getLogger("sft_engine").info("scoring %s: %s in %.1f s", folder.name, name, time.perf_counter() - started[0])
+        started[0] = time.perf_counter()
+        if progress is not None:
+            progress(name)
+
     if is_complete(out):
         for _ in range(scoring_steps(cfg)):
             step("reused")
         return StageOutput(out, reused=True)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, inference_precision(ev.precision):
         model, tokenizer = load_model(folder), load_tokenizer(folder)
-        flat = {f"heldout.{k}": v for k, v in heldout_loss(model, heldout_arrow, ev.micro_batch_size, ev.max_heldout_rows).items()}
+        sums, counts = heldout_sample_losses(model, heldout_arrow, ev.micro_batch_size, ev.max_heldout_rows)
+        flat = {f"heldout.{k}": v for k, v in heldout_summary(sums, counts).items()}
+        write_json_atomic(tmp / "heldout_samples.json", {"sums": sums.tolist(), "counts": counts.tolist()})
         step("held-out loss")
         items: list[dict[str, Any]] = []
         if ev.knowledge.tasks:
@@ -294,15 +318,22 @@ def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: 
     metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, Any] = {}
     models = {"tuned": tuned_dir, **({"base": base_dir} if cfg.evaluate.compare_base else {})}
+    scored_dirs: dict[str, Path] = {}
     with atomic_dir(out) as tmp:
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as items_file:
             for name, folder in models.items():
                 report = None if progress is None else (lambda step, name=name: progress(f"{name}: {step}"))
                 scored = score_model(cfg, folder, _heldout_data(cfg, curated, prepared, folder), prompts, report).path
+                scored_dirs[name] = scored
                 metrics[name] = read_json(scored / "metrics.json")
                 samples[name] = json.loads((scored / "samples.json").read_text())
                 for line in (scored / "items.jsonl").read_text(encoding="utf-8").splitlines():
                     items_file.write(json.dumps({"model": name, **json.loads(line)}) + "\n")
+        if "base" in metrics:
+            paired = {name: read_json(scored_dirs[name] / "heldout_samples.json") for name in ("tuned", "base")}
+            se = paired_loss_delta_stderr(*((p["sums"], p["counts"]) for p in paired.values()))
+            if se is not None:
+                metrics["tuned"]["heldout.loss_delta_stderr"] = se
         table = results_table(metrics)
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "table.json", table)

@@ -68,7 +68,13 @@ def init_distributed() -> tuple[int, int]:
             # MASTER_PORT (a Dask worker inherits its parent's environment) may be held by the parent's store.
             os.environ["MASTER_PORT"] = str(_free_port())
         ext = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
-        if not torch.cuda.is_available() and os.environ.get("TORCH_EXTENSIONS_DIR") and not ext.is_file():
+        if os.environ["WORLD_SIZE"] == "1":
+            # The shared-memory op only speeds up all-reduce between ranks on one host; a single rank never
+            # calls it, and building it costs a first run 30-45 s of compiling on 2 cores.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        elif not torch.cuda.is_available() and os.environ.get("TORCH_EXTENSIONS_DIR") and not ext.is_file():
             notice(f"building DeepSpeed's shared-memory op once (~30-45 s on 2 cores; cached in {ext.parent.parent})")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():

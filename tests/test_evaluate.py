@@ -129,3 +129,33 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_model: Path) -> Non
     single = [generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single and len(batched) == 3
     assert tok.padding_side == "right"  # restored
+
+
+def test_paired_stderr_of_the_held_out_loss_delta_is_the_ratio_estimator_of_per_sample_differences() -> None:
+    from sft_engine.evaluate import paired_loss_delta_stderr
+
+    counts = [10.0, 20.0, 30.0]
+    base, tuned = [20.0, 30.0, 90.0], [10.0, 28.0, 60.0]
+    # Differences -10, -2, -30 over 60 tokens: delta -0.7; residuals d - delta*c = -3, 12, -9;
+    # sqrt((9 + 144 + 81) / 2) / (20 * sqrt(3)) = sqrt(117) / 34.641
+    se = paired_loss_delta_stderr((tuned, counts), (base, counts))
+    assert se == pytest.approx(117 ** 0.5 / (20 * 3 ** 0.5))
+    # Scored on different samples: no paired figure.
+    assert paired_loss_delta_stderr((tuned, counts), (base, [10.0, 20.0, 31.0])) is None
+
+
+def test_held_out_loss_under_bf16_autocast_is_close_to_fp32_and_paired_se_shows_in_the_table(tiny_model: Path, packed: Path) -> None:
+    from sft_engine.evaluate import heldout_loss, inference_precision
+    from sft_engine.model import load_model
+
+    model = load_model(tiny_model)
+    fp32 = heldout_loss(model, packed, micro_batch_size=2, max_rows=4)
+    with inference_precision("bf16"):
+        bf16 = heldout_loss(model, packed, micro_batch_size=2, max_rows=4)
+    assert fp32["supervised_tokens"] == bf16["supervised_tokens"] > 0
+    # bf16 rounds the logits (8 bits of mantissa): a random model's ~ln(vocab) loss moves by well under 1 %.
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=1e-2) and bf16["loss"] != fp32["loss"]
+
+    table = results_table({"base": {"heldout.loss": 2.0}, "tuned": {"heldout.loss": 1.5, "heldout.loss_delta_stderr": 0.05}})
+    assert table[0]["delta_stderr"] == 0.05
+    assert "| heldout.loss | 2.0000 | 1.5000 | -0.5000 ±0.050 |" in format_table(table)
