@@ -1,5 +1,10 @@
 """Prefect flows and the ``sft-pipeline`` command line."""
 
-from sft_engine.runtime import apply_env_defaults
+from flows import console
+
+# Before any library is imported: tqdm reads TQDM_DISABLE once, when it is first imported.
+console.quiet_libraries()
+
+from sft_engine.runtime import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()

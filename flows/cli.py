@@ -192,7 +192,6 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    console.quiet_libraries()
     args = build_parser().parse_args(argv)
     if args.command in ops_cli.COMMANDS:
         return ops_cli.run(args)

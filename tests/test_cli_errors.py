@@ -106,3 +106,16 @@ def test_a_template_that_rejects_every_row_ends_the_run_with_exit_5(prefect_serv
     assert code == 5
     assert "preparation left no training sample: the " in err and '{"mask_template_rejected": ' in err
     assert "sft-pipeline check-template --model" in err
+
+
+def test_library_progress_bars_are_off_once_the_cli_package_is_imported() -> None:
+    import os
+    import subprocess
+    import sys
+
+    # transformers' GGUF conversion and lm-eval draw plain tqdm bars; tqdm reads TQDM_DISABLE when first imported,
+    # so the CLI package must set it before anything imports tqdm.
+    code = "import flows.cli\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='library bar'): pass\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert "library bar" not in done.stderr + done.stdout
