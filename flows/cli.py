@@ -11,7 +11,7 @@ from typing import Any
 
 from flows import console, ops_cli
 from sft_engine.config import ConfigError, PipelineConfig, config_to_dict, load_config
-from sft_engine.errors import EXIT_CODES
+from sft_engine.errors import EXIT_CODES, DiskFullError
 
 EPILOG = textwrap.dedent(
     """
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--template", default=None, metavar="FILE", help="a .jinja chat template to check on that tokenizer")
             p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the report as JSON")
         p.add_argument("--debug", action="store_true", help="library logs and tracebacks on the terminal too")
+        p.add_argument("--verify", action="store_true", help="re-hash every file of a stage folder before reusing it "
+                       "(sizes are always checked); a damaged folder is moved aside and recomputed (verify_reuse=true)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5 model=/path")
     ops_cli.add_commands(sub)  # serve, deploy, servers
     return parser
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ops_cli.COMMANDS:
         return ops_cli.run(args)
+    if getattr(args, "verify", False):
+        args.overrides.append("verify_reuse=true")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -224,7 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"log: {log_file}")
         return _dispatch(args, cfg, eval_model)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
+        if console.exit_code_for(exc) == DiskFullError.exit_code:
+            exc = _disk_full(exc, cfg, until, eval_model)
         return console.report(exc, log_file, debug)
+
+
+def _disk_full(exc: BaseException, cfg: PipelineConfig, until: str, eval_model: str | None) -> DiskFullError:
+    """The disk-full message with the space the run needs (the preflight's estimate) and the fix."""
+    from sft_engine.preflight import space_needed
+
+    what = str(exc) if isinstance(exc, DiskFullError) else f"out of disk space writing '{getattr(exc, 'filename', None) or '?'}'"
+    try:
+        need = f"; this run needs about {space_needed(cfg, until, eval_model) / 2**30:.2f} GiB free in work_dir (the preflight's estimate)"
+    except Exception:  # noqa: BLE001 - the estimate is a hint; the message stands without it
+        need = ""
+    error = DiskFullError(f"{what}{need}; free space there or pass work_dir=<a larger disk>")
+    error.__cause__ = exc
+    return error
 
 
 def _dispatch(args: argparse.Namespace, cfg: PipelineConfig, eval_model: str | None) -> int:

@@ -1,4 +1,4 @@
-"""The operating commands of ``sft-pipeline``: ``serve``, ``deploy`` (Prefect deployments) and ``servers``.
+"""The operating commands of ``sft-pipeline``: ``serve``, ``deploy`` (Prefect deployments), ``servers`` and ``gc``.
 
 Kept apart from ``flows/cli.py`` so that building the parser imports nothing heavy.
 """
@@ -11,7 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-COMMANDS = ("serve", "deploy", "servers")
+COMMANDS = ("serve", "deploy", "servers", "gc")
 
 DEPLOY_EPILOG = textwrap.dedent(
     """
@@ -56,6 +56,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--pool", required=True, help="work pool name (a 'process' pool is created if missing)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-5")
 
+    p = sub.add_parser("gc", help=GC_HELP, description=GC_HELP, epilog=GC_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", default="conf/demo.yaml", help="pipeline YAML whose work_dir is collected (default: %(default)s)")
+    p.add_argument("--keep-last", type=int, default=5, metavar="N", help="keep the folders of the N newest pipeline runs (default: %(default)s)")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="remove only folders older than this")
+    p.add_argument("--apply", action="store_true", help="remove (the default only lists)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. work_dir=/data/runs")
+
     help_text = "Start, stop or check a local MLflow tracking server and Prefect server (127.0.0.1 by default)."
     p = sub.add_parser("servers", help=help_text, description=help_text + "\n\n" + (servers.__doc__ or "").replace("``", ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +74,52 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefect-db", help="Prefect database URL, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect "
                    "(default: SQLite under --dir)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for both to answer (default: %(default)s)")
+
+
+GC_HELP = "List the stage folders of the config's work_dir with size, age and what keeps them; remove the rest with --apply."
+GC_EPILOG = textwrap.dedent(
+    """
+    A folder stays when something refers to it: a registered model version (its pipeline run's stage folders), one
+    of the --keep-last newest pipeline runs in the MLflow store, a run still marked running, the config given (the
+    folders a rerun of it would reuse), or a kept folder made from it (its inputs.json). A folder a running stage is
+    building (its key lock is held) is never removed. Leftover temporary folders of killed runs and damaged folders
+    that reuse moved aside (.damaged-*) go too. The registered models themselves live in the MLflow store.
+
+      sft-pipeline gc -c conf/demo.yaml                          # dry run: what would go, and why the rest stays
+      sft-pipeline gc -c conf/demo.yaml --keep-last 2 --apply
+      sft-pipeline gc -c conf/demo.yaml --older-than 7 --apply   # only folders not touched for a week
+    """
+)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from sft_engine import gc
+    from sft_engine.config import ConfigError, load_config
+    from sft_engine.stages import config_folders
+    from tasks.tracking import run_references
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"sft-pipeline: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.work_dir.is_dir():
+        print(f"sft-pipeline: work_dir '{cfg.work_dir}' does not exist; nothing to collect", file=sys.stderr)
+        return 2
+    refs = run_references(cfg, args.keep_last)
+    refs["the config"] = [str(p) for p in config_folders(cfg)]
+    entries = gc.plan(cfg.work_dir, refs, args.older_than)
+    for e in sorted(entries, key=lambda e: (not e.remove, e.rel)):
+        why = "remove" if e.remove else "keep: " + "; ".join(dict.fromkeys(e.kept_by))
+        print(f"{e.bytes / 2**20:10,.1f} MiB {e.age_days:6.1f} d  {e.rel:62} {e.kind:11} {why}")
+    going = [e for e in entries if e.remove]
+    size = sum(e.bytes for e in going) / 2**20
+    if not args.apply:
+        print(f"{len(entries)} folders; {len(going)} would be removed ({size:,.1f} MiB): pass --apply to remove them")
+        return 0
+    freed = gc.remove(cfg.work_dir, going)
+    print(f"removed {len(going)} of {len(entries)} folders ({freed / 2**20:,.1f} MiB)")
+    return 0
 
 
 def _servers(args: argparse.Namespace) -> int:
@@ -104,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     """Execute one of ``COMMANDS``; returns the exit status."""
     if args.command == "servers":
         return _servers(args)
+    if args.command == "gc":
+        return _gc(args)
     from prefect.settings import PREFECT_API_URL
 
     from sft_engine.config import ConfigError, load_config

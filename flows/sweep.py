@@ -110,9 +110,11 @@ def _write_comparison(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]],
         r["same_as"] = same_as.get(r["variant"], r["variant"]) if r["variant"] != "base" else "base"
     lead = leaders(rows)
     out = stage_dir(cfg.work_dir, "sweeps", digest_json({"rows": rows}))
-    if is_complete(out):
+    if is_complete(out, cfg.verify_reuse):
         return out
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, cfg.verify_reuse) as tmp:
+        if tmp is None:
+            return out
         write_json_atomic(tmp / "comparison.json", rows)
         write_json_atomic(tmp / "leaders.json", lead)
         pl.DataFrame(rows, infer_schema_length=None).write_csv(tmp / "comparison.csv")

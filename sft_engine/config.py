@@ -492,6 +492,11 @@ class PipelineConfig(_Strict):
         default=None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite under work_dir."
     )
     seed: int = Field(json_schema_extra=keyed("curate.rows", "curate.dedup", "curate.mix", "train"), default=0, description="Seed for splits, shuffles and training.")
+    verify_reuse: bool = Field(
+        json_schema_extra=unkeyed("checks the folders a run reuses; changes no output"), default=False,
+        description="Before reusing a finished stage folder, re-hash every file against the digests its marker recorded "
+        "(sizes are always checked). A damaged folder is moved aside and recomputed. Also: --verify.",
+    )
     curate: CurateConfig = Field(json_schema_extra=PER_FIELD, description="Curation: sources, checks, dedup, split, mix.")
     prepare: PrepareConfig = Field(json_schema_extra=PER_FIELD, default_factory=PrepareConfig)
     train: TrainConfig = Field(json_schema_extra=PER_FIELD, default_factory=TrainConfig)

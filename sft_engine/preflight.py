@@ -199,9 +199,20 @@ def preflight(cfg: PipelineConfig, until: str, model: str | None = None) -> list
         problems += check_model(model, "--model")[0]
     if "train" in stages and model is None:
         problems += check_training(cfg)
-    need = MIN_FREE + DATA_FACTOR * data_bytes + (WEIGHTS_FACTOR * weights if "train" in stages and model is None else 0)
-    problems += check_work_dir(cfg.work_dir, need)
+    problems += check_work_dir(cfg.work_dir, _need(stages, data_bytes, weights, model))
     return problems
+
+
+def _need(stages: tuple[str, ...] | list[str], data_bytes: int, weights: int, model: str | None) -> int:
+    return MIN_FREE + DATA_FACTOR * data_bytes + (WEIGHTS_FACTOR * weights if "train" in stages and model is None else 0)
+
+
+def space_needed(cfg: PipelineConfig, until: str, model: str | None = None) -> int:
+    """The bytes of free space in ``work_dir`` the preflight asks for, up to stage ``until`` (an estimate from the
+    sources' size and, when training, the base weights)."""
+    stages = STAGES[: STAGES.index(until) + 1]
+    weights = check_model(cfg.model)[1] if "train" in stages and model is None else 0
+    return _need(stages, check_sources(cfg)[1], weights, model)
 
 
 def require(cfg: PipelineConfig, until: str, model: str | None = None) -> None:

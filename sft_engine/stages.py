@@ -42,6 +42,7 @@ from sft_engine.io import (
     is_complete,
     read_json,
     stage_dir,
+    write_inputs,
     write_json_atomic,
 )
 from sft_engine.knowledge import run_knowledge
@@ -117,7 +118,7 @@ def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], No
     """Tokenize with loss masks and pack train and held-out splits into Arrow files with a manifest."""
     model_dir = resolve_model(cfg.model)
     out = stage_dir(cfg.work_dir, "prepare", prepare_key(cfg, curated, model_dir))
-    if is_complete(out):
+    if is_complete(out, cfg.verify_reuse):
         return StageOutput(out, reused=True)
     tokenizer = load_tokenizer(model_dir)
     stop_ids = tuple(generation_eos_ids(model_dir))
@@ -126,7 +127,9 @@ def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], No
         "max_seq_len": cfg.prepare.max_seq_len, "history": cfg.prepare.history.value, "splits": {},
         "template_check": {"ok": check.ok, **check.counts},
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, cfg.verify_reuse) as tmp:
+        if tmp is None:
+            return StageOutput(out, reused=True)
         write_json_atomic(tmp / "template_check.json", check.as_dict())
         lengths: Any = []
         for split in ("train", "heldout"):
@@ -141,6 +144,7 @@ def run_prepare(cfg: PipelineConfig, curated: Path, progress: Callable[[int], No
         })
         write_json_atomic(tmp / "manifest.json", manifest)
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.prepare))
+        write_inputs(tmp, cfg.work_dir, [curated])
         plots.histogram(lengths, tmp / "train_tokens.png", "Train sample lengths", "tokens")
     return StageOutput(out, reused=False)
 
@@ -175,13 +179,15 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
     the output folder holds ``model/`` (a Hugging Face folder) and stats."""
     model_dir = resolve_model(cfg.model)
     out = stage_dir(cfg.work_dir, "train", train_key(cfg, prepared, model_dir))
-    if is_complete(out):
+    if is_complete(out, cfg.verify_reuse):
         return StageOutput(out, reused=True)
     # Checkpoints live beside the (atomic, temporary) output folder so they survive a crash.
     ckpt = cfg.work_dir / "checkpoints" / out.name
     ckpt_arg = ckpt if cfg.train.checkpoint_every else None
     world = cfg.train.nproc
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, cfg.verify_reuse) as tmp:
+        if tmp is None:
+            return StageOutput(out, reused=True)
         if cfg.train.nproc > 1 or cfg.train.hostfile:
             result = _train_launched(cfg, prepared, tmp / "model", ckpt_arg, on_step, tmp)
             for name in ("job.json", "metrics.jsonl", "result.json"):
@@ -203,6 +209,7 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
             "resumed_from_step": result.resumed_from,
         })
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.train))
+        write_inputs(tmp, cfg.work_dir, [prepared])
         write_json_atomic(tmp / "deepspeed_config.json", deepspeed_config(cfg.train, world))
         xs = [h["step"] for h in result.history]
         series = {"train loss": (xs, result.losses)}
@@ -256,11 +263,16 @@ def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts:
         if progress is not None:
             progress(name)
 
-    if is_complete(out):
+    def reused() -> StageOutput:
         for _ in range(scoring_steps(cfg)):
             step("reused")
         return StageOutput(out, reused=True)
-    with atomic_dir(out) as tmp, inference_precision(ev.precision):
+
+    if is_complete(out, cfg.verify_reuse):
+        return reused()
+    with atomic_dir(out, cfg.verify_reuse) as tmp, inference_precision(ev.precision):
+        if tmp is None:
+            return reused()
         model, tokenizer = load_model(folder), load_tokenizer(folder)
         sums, counts = heldout_sample_losses(model, heldout_arrow, ev.micro_batch_size, ev.max_heldout_rows)
         flat = {f"heldout.{k}": v for k, v in heldout_summary(sums, counts).items()}
@@ -309,7 +321,7 @@ def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: 
 
     base_dir = resolve_model(cfg.model)
     out = stage_dir(cfg.work_dir, "evaluate", evaluate_key(cfg, prepared, tuned_dir, curated))
-    if is_complete(out):
+    if is_complete(out, cfg.verify_reuse):
         return StageOutput(out, reused=True)
     heldout = pl.read_parquet(curated / "heldout.parquet")
     # Prompts taken round-robin over sources, so every source shows up in the generation sample.
@@ -319,12 +331,17 @@ def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: 
     samples: dict[str, Any] = {}
     models = {"tuned": tuned_dir, **({"base": base_dir} if cfg.evaluate.compare_base else {})}
     scored_dirs: dict[str, Path] = {}
-    with atomic_dir(out) as tmp:
+    used = [curated, prepared, tuned_dir]
+    with atomic_dir(out, cfg.verify_reuse) as tmp:
+        if tmp is None:
+            return StageOutput(out, reused=True)
         with (tmp / "items.jsonl").open("w", encoding="utf-8") as items_file:
             for name, folder in models.items():
                 report = None if progress is None else (lambda step, name=name: progress(f"{name}: {step}"))
-                scored = score_model(cfg, folder, _heldout_data(cfg, curated, prepared, folder), prompts, report).path
+                heldout_arrow = _heldout_data(cfg, curated, prepared, folder)
+                scored = score_model(cfg, folder, heldout_arrow, prompts, report).path
                 scored_dirs[name] = scored
+                used += [scored, heldout_arrow.parent]
                 metrics[name] = read_json(scored / "metrics.json")
                 samples[name] = json.loads((scored / "samples.json").read_text())
                 for line in (scored / "items.jsonl").read_text(encoding="utf-8").splitlines():
@@ -340,5 +357,28 @@ def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: 
         pl.DataFrame(table).write_csv(tmp / "table.csv")
         (tmp / "samples.json").write_text(json.dumps(samples, indent=2))
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.evaluate))
+        write_inputs(tmp, cfg.work_dir, used)
         plots.eval_table(table, tmp / "eval_table.png")
     return StageOutput(out, reused=False)
+
+
+def config_folders(cfg: PipelineConfig) -> list[Path]:
+    """The stage folders a rerun of ``cfg`` would reuse, as far as they exist (``sft-pipeline gc`` keeps them):
+    curation's units, dedup and outputs, then each later stage whose inputs are there. Nothing is computed, except
+    that a packaged model is converted if it never was (its weights enter the keys)."""
+    from sft_engine.curation.stage import plan_curate
+
+    plan = plan_curate(cfg)
+    found = [plan.out, plan.dedup, *(u.folder for u in plan.units)]
+    if not is_complete(plan.out):
+        return found
+    model_dir = resolve_model(cfg.model)
+    prepared = stage_dir(cfg.work_dir, "prepare", prepare_key(cfg, plan.out, model_dir))
+    found.append(prepared)
+    if not is_complete(prepared):
+        return found
+    trained = stage_dir(cfg.work_dir, "train", train_key(cfg, prepared, model_dir))
+    found.append(trained)
+    if is_complete(trained):
+        found.append(stage_dir(cfg.work_dir, "evaluate", evaluate_key(cfg, prepared, trained / "model", plan.out)))
+    return found

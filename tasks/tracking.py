@@ -260,7 +260,19 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, folde
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=str(folder.resolve()), profile=json.dumps(profile))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+    # MLflow looks the dataset up, then inserts it: two runs logging the same dataset at once (runs sharing a
+    # work_dir reuse the same folders) both insert, and one fails on the store's unique key. Serialized on a local
+    # store; on a server, the loser's retry finds the row.
+    for attempt in range(3):
+        try:
+            with _store_lock(client.tracking_uri):
+                client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as exc:  # MlflowException wrapping the database's IntegrityError
+            if ("UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc)) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
@@ -273,3 +285,41 @@ def ui_hint(cfg: PipelineConfig) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
+
+
+def run_references(cfg: PipelineConfig, keep_last: int) -> dict[str, list[str]]:
+    """The stage folders MLflow names, by who names them (for ``sft-pipeline gc``): every registered model version
+    (through its pipeline run), the ``keep_last`` newest pipeline runs, and any run still marked running. A run's
+    folders are its stage runs' ``output_dir`` / ``model_path`` tags, nested runs included (sweep variants)."""
+    client, _ = client_for(cfg)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiments, max_results=1000, page_token=token, order_by=["attributes.start_time DESC"])
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    children: dict[str, list[Any]] = {}
+    for r in runs:
+        children.setdefault(r.data.tags.get("mlflow.parentRunId", ""), []).append(r)
+
+    def folders(run: Any) -> list[str]:
+        found = [run.data.tags[k] for k in ("output_dir", "model_path") if k in run.data.tags]
+        for child in children.get(run.info.run_id, []):
+            found += folders(child)
+        return found
+
+    by_id = {r.info.run_id: r for r in runs}
+    refs: dict[str, list[str]] = {}
+    for mv in client.search_model_versions(max_results=10000):
+        run = by_id.get(mv.tags.get("mlflow_run_id") or mv.run_id or "")
+        if run is not None:
+            refs[f"registered {mv.name} v{mv.version}"] = folders(run)
+    top = children.get("", [])  # newest first
+    for r in top[:keep_last]:
+        refs.setdefault(f"run {r.info.run_id[:8]} ({r.info.run_name})", []).extend(folders(r))
+    for r in top:
+        if r.info.status == "RUNNING":
+            refs.setdefault(f"run {r.info.run_id[:8]} is running", []).extend(folders(r))
+    return refs

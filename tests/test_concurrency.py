@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -139,3 +140,85 @@ def test_a_run_killed_at_any_point_reruns_to_the_same_outputs(prefect_api: str, 
     train = json.loads(stats.read_text())
     assert train["resumed_from_step"] >= 6 and train["steps"] == 40
     assert not list(killed.rglob(".tmp-*")) and not list(killed.glob("mlflow.db.tmp-*"))
+
+
+def _markers(work_dir: Path) -> dict[str, dict[str, list]]:
+    """Every complete stage folder of ``work_dir`` with the files its marker lists (size and digest)."""
+    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())["files"] for p in work_dir.glob("*/*/_SUCCESS")}
+
+
+def test_three_runs_at_once_on_one_work_dir_all_complete_and_compute_shared_stages_once(prefect_api: str, tiny_model: Path,
+                                                                                        tmp_path: Path) -> None:
+    from sft_engine import stages
+    from sft_engine.config import load_config
+    from sft_engine.curation.stage import run_curate
+
+    shared = tmp_path / "shared"
+    common = [f"model={tiny_model}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 1500}, {name: c, builtin: chitchat, limit: 200}]",
+              "experiment=shared"]
+    configs = [["prepare.max_seq_len=256"], ["prepare.max_seq_len=256"], ["prepare.max_seq_len=512"]]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "flows.cli", "prepare", "-c", str(ROOT / "conf" / "demo.yaml"), f"work_dir={shared}", *common, *extra],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for extra in configs
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n---\n".join(o[-2000:] for o in outputs)
+
+    # Serially, in another work_dir, the stage functions themselves: the same folders with the same bytes.
+    serial = tmp_path / "serial"
+    for extra in configs[1:]:
+        cfg = load_config(ROOT / "conf" / "demo.yaml", [f"work_dir={serial}", *common, *extra])
+        stages.run_prepare(cfg, run_curate(cfg).path)
+    got, want = _markers(shared), _markers(serial)
+    assert got.keys() == want.keys()
+    for folder, files in got.items():
+        if folder.startswith("curate/"):
+            # stats.json's "cache" says which units this folder's run found finished: history, not data.
+            stats = [{k: v for k, v in json.loads((root / folder / "stats.json").read_text()).items() if k != "cache"}
+                     for root in (shared, serial)]
+            assert stats[0] == stats[1]
+            files, want[folder] = ({k: v for k, v in f.items() if k != "stats.json"} for f in (files, want[folder]))
+        assert files == want[folder], folder
+    assert sorted({k.split("/")[0] for k in got}) == ["curate", "curate_dedup", "curate_sources", "prepare"]
+    assert sum(k.startswith("prepare/") for k in got) == 2 and sum(k.startswith("curate/") for k in got) == 1
+    assert not list(shared.glob("*/.tmp-*"))
+
+    # Each key computed once: one stage run of each key says it computed, the others that they reused.
+    client = MlflowClient(tracking_uri=f"sqlite:///{shared / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    computed = {}
+    for r in runs:
+        if r.data.tags.get("output_dir"):
+            computed.setdefault(r.data.tags["output_dir"], []).append(r.data.tags["cached"])
+    # curate: one key for all three; prepare: one key for the two identical configs, another for the third.
+    assert sorted(sorted(v) for v in computed.values()) == [["false"], ["false", "true"], ["false", "true", "true"]]
+
+
+def test_a_run_killed_holding_a_stage_lock_hands_it_to_the_run_waiting_for_it(prefect_api: str, tiny_model: Path,
+                                                                             tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    argv = [sys.executable, "-m", "flows.cli", "train", "-c", str(ROOT / "conf" / "demo.yaml"), f"work_dir={work}", f"model={tiny_model}",
+            "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 200}]", "prepare.max_seq_len=128", "train.max_steps=30",
+            "train.grad_accum=1", "train.precision=fp32", "experiment=handover"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
+    first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not list(work.glob("train/.tmp-*")):
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before training"
+    os.kill(first.pid, signal.SIGSTOP)  # frozen inside training, the lock held: the second run must wait, however slow its start
+    second = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in second.stdout:
+        lines.append(line)
+        if line.startswith("waiting for train/"):
+            break
+    assert lines[-1].strip().endswith(f"computed by pid {first.pid}"), "".join(lines)
+    first.kill()
+    first.wait()
+    rest = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, rest[-3000:]
+    assert "train: 30 steps" in rest
+    assert len(list(work.glob("train/*/_SUCCESS"))) == 1 and not list(work.glob("*/.tmp-*"))

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sft_engine.config import config_to_dict, load_config
+from sft_engine.io import is_complete
 from tests.conftest import CHATML
 
 pytestmark = pytest.mark.slow
@@ -217,6 +218,42 @@ def test_gate_decides_registration_and_the_flow_state_says_why(prefect_server, t
     assert "| tasks.exact_match |" in out and "gate: passed" in out
     assert main([*argv, "evaluate.gate.min_scores={tasks.exact_match: 1.01}"]) == 3
     assert "evaluation gate failed: tasks.exact_match" in capsys.readouterr().err
+
+    # gc on this work_dir: a later run with another max_seq_len left a prepare folder nothing else refers to, and a
+    # killed run a temporary folder. The registered version keeps its run's folders (and what they were made from).
+    work = tmp_path / "work"
+    other = sft_pipeline(config=config_to_dict(_cfg(tmp_path, tiny_model, "experiment=gate-test", "prepare.max_seq_len=128")),
+                         until="prepare")
+    other_prepared = Path(other["prepared"])
+    stale = work / "prepare" / ".tmp-0123456789abcdef-deadbeef"
+    stale.mkdir()
+    config_file = tmp_path / "registered.yaml"
+    config_file.write_text(json.dumps(config_to_dict(cfg)))  # the registered run's config (JSON is YAML)
+    gc_argv = ["gc", "-c", str(config_file)]
+
+    def gc_lines(*extra: str) -> dict[str, str]:
+        assert main([*gc_argv, *extra]) == 0
+        rows = [line.split(None, 6) for line in capsys.readouterr().out.splitlines() if " MiB " in line and " d  " in line]
+        return {r[4]: r[6] for r in rows}
+
+    lines = gc_lines("--keep-last", "0")
+    assert lines[f"prepare/{other_prepared.name}"] == "remove" and lines[f"prepare/{stale.name}"] == "remove"
+    trained = Path(result["model"]).parent
+    # The standalone evaluation above registered the same model as sft-demo (conf/demo.yaml's register_model).
+    assert set(lines[f"train/{trained.name}"].removeprefix("keep: ").split("; ")) == {
+        "registered tiny-sft v1", "registered sft-demo v1", "the config"}
+    assert all(why.startswith("keep: ") for rel, why in lines.items() if rel.split("/")[1] not in (other_prepared.name, stale.name))
+    assert any(rel.startswith("evaluate_models/") for rel in lines)  # scores kept through the evaluation's inputs.json
+    assert gc_lines("--keep-last", "1")[f"prepare/{other_prepared.name}"].startswith("keep: run ")
+    from sft_engine.io import key_lock
+
+    with key_lock(other_prepared):  # as if a stage were building it right now
+        assert gc_lines("--keep-last", "0")[f"prepare/{other_prepared.name}"] == "keep: locked by a running stage"
+    assert other_prepared.is_dir() and stale.is_dir()  # a dry run removes nothing
+
+    gc_lines("--keep-last", "0", "--apply")
+    assert not other_prepared.exists() and not stale.exists()
+    assert (trained / "model" / "model.safetensors").is_file() and is_complete(Path(result["prepared"]))
 
 
 BROKEN = CHATML.replace("message['content'] + '<|im_end|>'", "message['content'] + ' 7<|im_end|>'").replace(

@@ -44,6 +44,7 @@ from sft_engine.io import (
     is_complete,
     read_json,
     stage_dir,
+    write_inputs,
     write_json_atomic,
 )
 
@@ -171,7 +172,7 @@ def plan_curate(cfg: PipelineConfig) -> CuratePlan:
     dedup = stage_dir(cfg.work_dir, "curate_dedup", _dedup_key(cfg, source_keys))
     out = stage_dir(cfg.work_dir, "curate", _curate_key(cfg, dedup.name))
     # The outputs take the conversations from the unit folders, so they are needed unless the outputs exist.
-    return CuratePlan(out, dedup, () if is_complete(out) else tuple(units))
+    return CuratePlan(out, dedup, () if is_complete(out, cfg.verify_reuse) else tuple(units))
 
 
 def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
@@ -181,7 +182,7 @@ def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
     Units share nothing, so they may run in any order, at once, in other processes or on other machines
     (the folder must be on storage they all see).
     """
-    if is_complete(unit.folder):
+    if is_complete(unit.folder, cfg.verify_reuse):
         return StageOutput(unit.folder, reused=True)
     source = {s.name: s for s in cfg.curate.sources}[unit.source]
     if unit.files is None:
@@ -192,7 +193,9 @@ def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
         parts = [read_source(source.model_copy(update={"path": glob.escape(f)}), cfg.curate, cfg.seed) for f in unit.files]
         rows = pl.concat(parts).with_columns(row=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
     checked = check_rows(rows, cfg.curate, cfg.seed)
-    with atomic_dir(unit.folder) as tmp:
+    with atomic_dir(unit.folder, cfg.verify_reuse) as tmp:
+        if tmp is None:  # another run finished this unit first
+            return StageOutput(unit.folder, reused=True)
         checked.write_parquet(tmp / "rows.parquet")
     return StageOutput(unit.folder, reused=False)
 
@@ -354,7 +357,7 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
     stored (hashes, band keys), plus the folded text of near-dup candidates; the outputs take the
     conversations unit by unit (``write_ordered``), so the corpus is never in memory at once.
     """
-    if is_complete(plan.out):
+    if is_complete(plan.out, cfg.verify_reuse):
         return StageOutput(plan.out, reused=True)
     if not plan.units:
         raise ValueError(f"{plan.out} was complete when curation was planned and is gone now; plan again (plan_curate)")
@@ -382,15 +385,19 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
         marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed, texts_of)
         marks = marks.select(MARK_COLUMNS)
         del slim
-        with atomic_dir(plan.dedup) as tmp:
-            marks.write_parquet(tmp / "marks.parquet")
-            write_json_atomic(tmp / "near_dedup.json", near_info)
+        with atomic_dir(plan.dedup, cfg.verify_reuse) as tmp:
+            if tmp is not None:  # else another run published the same marks first
+                marks.write_parquet(tmp / "marks.parquet")
+                write_json_atomic(tmp / "near_dedup.json", near_info)
         del marks
     out = plan.out
     marks = pl.read_parquet(plan.dedup / "marks.parquet")
     train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
     stats["cache"] = cache
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, cfg.verify_reuse) as tmp:
+        if tmp is None:
+            return StageOutput(out, reused=True)
+        write_inputs(tmp, cfg.work_dir, [plan.dedup, *(u.folder for u in plan.units)])
         write_ordered({
             tmp / "train.parquet": (train, CANONICAL_COLUMNS),
             tmp / "heldout.parquet": (heldout, CANONICAL_COLUMNS),
