@@ -119,3 +119,30 @@ def test_library_progress_bars_are_off_once_the_cli_package_is_imported() -> Non
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     assert "library bar" not in done.stderr + done.stdout
+
+
+def test_disk_full_is_one_line_with_the_stage_folder_and_the_preflight_estimate(tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from flows import console
+    from flows.cli import _disk_full
+    from sft_engine.config import load_config
+    from sft_engine.errors import DiskFullError
+    from sft_engine.preflight import MIN_FREE
+
+    cfg = load_config("conf/demo.yaml", [f"work_dir={tmp_path}"])
+    # What atomic_dir raises when a write fails with ENOSPC (tests/test_io.py fills a real 256 KiB tmpfs).
+    raised = DiskFullError(f"out of disk space writing curate/abc in '{tmp_path / 'curate'}' (0.2 MiB written before the disk "
+                           "filled, 0.0 MiB free now); nothing was published")
+    code = console.report(_disk_full(raised, cfg, "curate", None), None, False)
+    err = capsys.readouterr().err.strip()
+    assert code == DiskFullError.exit_code == 6 and "out of disk space" in EXIT_CODES[6]
+    assert len(err.splitlines()) == 1 and err.startswith("sft-pipeline: out of disk space writing curate/abc in ")
+    # Built-in sources have no files to size: the estimate is the preflight's floor.
+    assert f"this run needs about {MIN_FREE / 2**30:.2f} GiB free in work_dir (the preflight's estimate)" in err
+    assert err.endswith("free space there or pass work_dir=<a larger disk>")
+    # A bare ENOSPC from anywhere else (a log file, the MLflow store) gets the same line, naming the file.
+    import errno
+
+    bare = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "mlflow.db"))
+    assert console.report(_disk_full(bare, cfg, "curate", None), None, False) == 6
+    assert f"out of disk space writing '{tmp_path / 'mlflow.db'}'; this run needs about" in capsys.readouterr().err
