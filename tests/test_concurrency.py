@@ -55,35 +55,6 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
         server.wait(timeout=30)
 
 
-def test_two_runs_at_once_share_prefect_server_and_mlflow_store(prefect_api: str, tiny_model: Path, tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(tmp_path / "client_home")}
-    common = [
-        f"model={tiny_model}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 100}]", "prepare.max_seq_len=256",
-        "train.max_steps=2", "evaluate.generate_samples=1", "evaluate.max_new_tokens=4", "experiment=concurrent",
-        # every suite on a couple of items; the gate off (two steps of a random tiny model prove nothing)
-        "evaluate.knowledge.tasks=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench_limit=2",
-        "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=2", "evaluate.gate.heldout_loss_must_drop=false",
-        "evaluate.gate.max_knowledge_drop=null",
-    ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", "-c", str(ROOT / "conf" / "demo.yaml"), f"work_dir={tmp_path / f'w{i}'}",
-             *common, f"train.lr={lr}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i, lr in enumerate(("1e-4", "2e-4"))
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert not any("database is locked" in o for o in outputs)
-    client = MlflowClient(tracking_uri=store)
-    runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    assert len(runs) == 2 * 5
-
-
 def _outputs(work_dir: Path) -> dict[str, list[str]]:
     """Digest of every output a rerun must reproduce: curated splits, packed rows, the model, the evaluation table."""
     from sft_engine.io import digest_file
@@ -149,6 +120,8 @@ def _markers(work_dir: Path) -> dict[str, dict[str, list]]:
 
 def test_three_runs_at_once_on_one_work_dir_all_complete_and_compute_shared_stages_once(prefect_api: str, tiny_model: Path,
                                                                                         tmp_path: Path) -> None:
+    """Two identical configs and one that differs in preparation (and runs on through training and evaluation), at
+    once on one work_dir, one MLflow store and one Prefect server."""
     from sft_engine import stages
     from sft_engine.config import load_config
     from sft_engine.curation.stage import run_curate
@@ -156,44 +129,55 @@ def test_three_runs_at_once_on_one_work_dir_all_complete_and_compute_shared_stag
     shared = tmp_path / "shared"
     common = [f"model={tiny_model}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 1500}, {name: c, builtin: chitchat, limit: 200}]",
               "experiment=shared"]
-    configs = [["prepare.max_seq_len=256"], ["prepare.max_seq_len=256"], ["prepare.max_seq_len=512"]]
+    evaluate = [
+        "train.max_steps=2", "evaluate.generate_samples=1", "evaluate.max_new_tokens=4",
+        # every suite on a couple of items; the gate off (two steps of a random tiny model prove nothing)
+        "evaluate.knowledge.tasks=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench_limit=2",
+        "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=2", "evaluate.gate.heldout_loss_must_drop=false",
+        "evaluate.gate.max_knowledge_drop=null",
+    ]
+    common += evaluate  # the evaluation sets feed decontamination, so all three share them to share curation
+    configs = [["prepare", "prepare.max_seq_len=256"], ["prepare", "prepare.max_seq_len=256"], ["run", "prepare.max_seq_len=512"]]
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "flows.cli", "prepare", "-c", str(ROOT / "conf" / "demo.yaml"), f"work_dir={shared}", *common, *extra],
+        subprocess.Popen([sys.executable, "-m", "flows.cli", command, "-c", str(ROOT / "conf" / "demo.yaml"), f"work_dir={shared}", *common, *extra],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for extra in configs
+        for command, *extra in configs
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n---\n".join(o[-2000:] for o in outputs)
+    assert not any("database is locked" in o for o in outputs)
 
     # Serially, in another work_dir, the stage functions themselves: the same folders with the same bytes.
     serial = tmp_path / "serial"
-    for extra in configs[1:]:
+    for _, *extra in configs[1:]:
         cfg = load_config(ROOT / "conf" / "demo.yaml", [f"work_dir={serial}", *common, *extra])
         stages.run_prepare(cfg, run_curate(cfg).path)
     got, want = _markers(shared), _markers(serial)
-    assert got.keys() == want.keys()
-    for folder, files in got.items():
+    # prepare x3: 256, 512, and the held-out rows under the tuned model's saved tokenizer (evaluate's _heldout_data).
+    assert sorted(k.split("/")[0] for k in got) == ["curate", "curate_dedup", "curate_sources", "curate_sources", "evaluate",
+                                                    "evaluate_models", "evaluate_models", "prepare", "prepare", "prepare", "train"]
+    for folder, files in want.items():
         if folder.startswith("curate/"):
             # stats.json's "cache" says which units this folder's run found finished: history, not data.
             stats = [{k: v for k, v in json.loads((root / folder / "stats.json").read_text()).items() if k != "cache"}
                      for root in (shared, serial)]
             assert stats[0] == stats[1]
-            files, want[folder] = ({k: v for k, v in f.items() if k != "stats.json"} for f in (files, want[folder]))
-        assert files == want[folder], folder
-    assert sorted({k.split("/")[0] for k in got}) == ["curate", "curate_dedup", "curate_sources", "prepare"]
-    assert sum(k.startswith("prepare/") for k in got) == 2 and sum(k.startswith("curate/") for k in got) == 1
+            files, got[folder] = ({k: v for k, v in f.items() if k != "stats.json"} for f in (files, got[folder]))
+        assert got[folder] == files, folder
     assert not list(shared.glob("*/.tmp-*"))
 
     # Each key computed once: one stage run of each key says it computed, the others that they reused.
     client = MlflowClient(tracking_uri=f"sqlite:///{shared / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
-    computed = {}
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    computed: dict[str, list[str]] = {}
     for r in runs:
         if r.data.tags.get("output_dir"):
             computed.setdefault(r.data.tags["output_dir"], []).append(r.data.tags["cached"])
-    # curate: one key for all three; prepare: one key for the two identical configs, another for the third.
-    assert sorted(sorted(v) for v in computed.values()) == [["false"], ["false", "true"], ["false", "true", "true"]]
+    # curate: one key for all three; prepare: one for the two identical configs, one for the third; its train and
+    # evaluate once each.
+    assert sorted(sorted(v) for v in computed.values()) == [["false"], ["false"], ["false"], ["false", "true"], ["false", "true", "true"]]
 
 
 def test_a_run_killed_holding_a_stage_lock_hands_it_to_the_run_waiting_for_it(prefect_api: str, tiny_model: Path,
@@ -203,22 +187,24 @@ def test_a_run_killed_holding_a_stage_lock_hands_it_to_the_run_waiting_for_it(pr
             "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 200}]", "prepare.max_seq_len=128", "train.max_steps=30",
             "train.grad_accum=1", "train.precision=fp32", "experiment=handover"]
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
-    first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and not list(work.glob("train/.tmp-*")):
+    while time.time() < deadline and all(p.poll() is None for p in procs) and not list(work.glob("train/.tmp-*")):
         time.sleep(0.05)
-    assert first.poll() is None, "the first run ended before training"
-    os.kill(first.pid, signal.SIGSTOP)  # frozen inside training, the lock held: the second run must wait, however slow its start
-    second = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (lock,) = work.glob("train/.lock-*")
+    holder_pid = int(lock.read_text())
+    (holder,), (waiter,) = ([p for p in procs if (p.pid == holder_pid) == want] for want in (True, False))
+    assert holder.poll() is None, "the run holding the training lock ended before it could be stopped"
+    os.kill(holder.pid, signal.SIGSTOP)  # frozen inside training, the lock held: the other run must wait, however slow
     lines = []
-    for line in second.stdout:
+    for line in waiter.stdout:
         lines.append(line)
         if line.startswith("waiting for train/"):
             break
-    assert lines[-1].strip().endswith(f"computed by pid {first.pid}"), "".join(lines)
-    first.kill()
-    first.wait()
-    rest = second.communicate(timeout=600)[0]
-    assert second.returncode == 0, rest[-3000:]
+    assert lines[-1].strip() == f"waiting for train/{lock.name.removeprefix('.lock-')}, computed by pid {holder.pid}", "".join(lines)
+    holder.kill()
+    holder.wait()
+    rest = waiter.communicate(timeout=600)[0]
+    assert waiter.returncode == 0, rest[-3000:]
     assert "train: 30 steps" in rest
     assert len(list(work.glob("train/*/_SUCCESS"))) == 1 and not list(work.glob("*/.tmp-*"))
