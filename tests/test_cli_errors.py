@@ -54,14 +54,19 @@ def test_preflight_lists_every_problem_in_one_line_each_before_any_work(tmp_path
     assert out == "" and not work.exists()
 
 
+def _without_chat_template(model: Path, dest: Path) -> Path:
+    """A copy of ``model`` whose tokenizer has no chat template."""
+    shutil.copytree(model, dest)
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    return dest
+
+
 def test_a_model_without_chat_template_and_a_work_dir_inside_a_file_are_refused(tiny_model: Path, tmp_path: Path,
                                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_model, bare)
-    config = json.loads((bare / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(config))
-    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    bare = _without_chat_template(tiny_model, tmp_path / "bare")
     afile = tmp_path / "afile"
     afile.write_text("x")
     code, _, err = _run(capsys, "prepare", "-c", "conf/demo.yaml", f"work_dir={afile / 'w'}", f"model={bare}",
@@ -91,11 +96,7 @@ def test_an_unreadable_file_in_a_glob_ends_the_run_with_exit_5_and_the_file_name
 
 def test_a_template_that_rejects_every_row_ends_the_run_with_exit_5(prefect_server, tiny_model: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    rejecting = tmp_path / "rejecting"
-    shutil.copytree(tiny_model, rejecting)
-    config = json.loads((rejecting / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (rejecting / "tokenizer_config.json").write_text(json.dumps(config))
+    rejecting = _without_chat_template(tiny_model, tmp_path / "rejecting")
     # Refuses any conversation with more than one message: the self-check's shapes are rejected, not failed.
     (rejecting / "chat_template.jinja").write_text(
         "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}"
