@@ -180,10 +180,11 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
         out.print(f"gate: {'passed' if gate['passed'] else 'FAILED'}" + "".join(f"\n  - {r}" for r in gate["reasons"]), markup=False)
         if result.get("registered_version"):
             out.print(f"registered: {cfg.evaluate.register_model} version {result['registered_version']}", markup=False)
-    uri = result["tracking_uri"]
-    out.print(f"\nMLflow run {result['mlflow_run_id']}: " + (
-        f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then http://127.0.0.1:5000)"
-    ), markup=False)
+    from tasks.tracking import ui_hint
+
+    hint = ui_hint(cfg)
+    out.print(f"\nMLflow run {result['mlflow_run_id']}: {hint}" + ("" if hint.startswith("open ") else "  (then http://127.0.0.1:5000)"),
+              markup=False)
     if result.get("flow_run_id"):
         from prefect.settings import PREFECT_API_URL
 
@@ -234,17 +235,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _disk_full(exc: BaseException, cfg: PipelineConfig, until: str, eval_model: str | None) -> DiskFullError:
-    """The disk-full message with the space the run needs (the preflight's estimate) and the fix."""
+    """The disk-full message with the space the run needs (the preflight's estimate)."""
     from sft_engine.preflight import space_needed
 
-    what = str(exc) if isinstance(exc, DiskFullError) else f"out of disk space writing '{getattr(exc, 'filename', None) or '?'}'"
     try:
         need = f"; this run needs about {space_needed(cfg, until, eval_model) / 2**30:.2f} GiB free in work_dir (the preflight's estimate)"
     except Exception:  # noqa: BLE001 - the estimate is a hint; the message stands without it
         need = ""
-    error = DiskFullError(f"{what}{need}; free space there or pass work_dir=<a larger disk>")
-    error.__cause__ = exc
-    return error
+    return console.disk_full(exc, need)
 
 
 def _dispatch(args: argparse.Namespace, cfg: PipelineConfig, eval_model: str | None) -> int:

@@ -85,6 +85,15 @@ def exit_code_for(exc: BaseException) -> int:
     return 1
 
 
+def disk_full(exc: BaseException, need: str = "") -> DiskFullError:
+    """One disk-full error for every way a run can fill the disk: ``atomic_dir``'s (which names the stage and its
+    folder) or a bare ENOSPC from anywhere else (the file is named); ``need`` adds the space the run needs."""
+    what = str(exc) if isinstance(exc, DiskFullError) else f"out of disk space writing '{getattr(exc, 'filename', None) or '?'}'"
+    error = DiskFullError(f"{what}{need}; free space there or pass work_dir=<a larger disk>")
+    error.__cause__ = exc
+    return error
+
+
 def report(exc: BaseException, log_file: Path | None, debug: bool) -> int:
     """Print the one-line message for ``exc`` (the traceback goes to the log file) and return the exit code."""
     code = exit_code_for(exc)
@@ -98,7 +107,7 @@ def report(exc: BaseException, log_file: Path | None, debug: bool) -> int:
     elif isinstance(exc, UserError):
         message = str(exc)
     elif code == DiskFullError.exit_code:
-        message = f"out of disk space writing '{getattr(exc, 'filename', None) or '?'}'; free space or pass work_dir=<a larger disk>"
+        message = str(disk_full(exc))
     else:
         message = f"unexpected error {type(exc).__name__}: {exc}{where} (please report it with the log)"
         where = ""

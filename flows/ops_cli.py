@@ -10,6 +10,10 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # kept out of the parser's import: building it imports nothing heavy
+    from sft_engine.config import PipelineConfig
 
 COMMANDS = ("serve", "deploy", "servers", "gc")
 
@@ -92,17 +96,11 @@ GC_EPILOG = textwrap.dedent(
 )
 
 
-def _gc(args: argparse.Namespace) -> int:
+def _gc(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from sft_engine import gc
-    from sft_engine.config import ConfigError, load_config
     from sft_engine.stages import config_folders
     from tasks.tracking import run_references
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"sft-pipeline: {exc}", file=sys.stderr)
-        return 2
     if not cfg.work_dir.is_dir():
         print(f"sft-pipeline: work_dir '{cfg.work_dir}' does not exist; nothing to collect", file=sys.stderr)
         return 2
@@ -157,10 +155,6 @@ def run(args: argparse.Namespace) -> int:
     """Execute one of ``COMMANDS``; returns the exit status."""
     if args.command == "servers":
         return _servers(args)
-    if args.command == "gc":
-        return _gc(args)
-    from prefect.settings import PREFECT_API_URL
-
     from sft_engine.config import ConfigError, load_config
 
     try:
@@ -168,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sft-pipeline: {exc}", file=sys.stderr)
         return 2
+    if args.command == "gc":
+        return _gc(args, cfg)
+    from prefect.settings import PREFECT_API_URL
+
     if not PREFECT_API_URL.value():
         print("sft-pipeline: a deployment needs a Prefect server; start one with `sft-pipeline servers up`, then "
               "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)

@@ -10,15 +10,13 @@ reuse moved aside. Nothing here deletes; ``remove`` does, for the rows the plan 
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sft_engine.io import INPUTS, SUCCESS
+from sft_engine.io import INPUTS, SUCCESS, folder_bytes, lock_held
 
 
 @dataclass
@@ -34,25 +32,6 @@ class Entry:
     @property
     def remove(self) -> bool:
         return not self.kept_by
-
-
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def lock_held(folder: Path) -> bool:
-    """True while a run holds ``folder``'s key lock (is building it, or a temporary folder of it)."""
-    lock = folder.parent / f".lock-{folder.name}"
-    if not lock.exists():
-        return False
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe's lock, if it got it
-    return False
 
 
 def _key_of_tmp(name: str) -> str:
@@ -78,7 +57,7 @@ def scan(work_dir: Path) -> list[Entry]:
             else:
                 continue  # not ours (logs, an MLflow artifact root): never touched
             age = (now - folder.stat().st_mtime) / 86400
-            entries.append(Entry(rel, kind, _size(folder), age))
+            entries.append(Entry(rel, kind, folder_bytes(folder), age))
     return entries
 
 

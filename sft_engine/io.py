@@ -130,20 +130,33 @@ def folder_damage(folder: str | Path, verify: bool = False) -> str | None:
     files = _marker_files(folder)
     for rel, (size, digest) in (files or {}).items():
         p = folder / rel
-        if not p.is_file():
+        try:
+            found = p.stat().st_size if p.is_file() else None
+        except OSError:
+            found = None
+        if found is None:
             return f"{rel} is missing"
-        if p.stat().st_size != size:
-            return f"{rel} has {p.stat().st_size:,} bytes, {size:,} when written"
+        if found != size:
+            return f"{rel} has {found:,} bytes, {size:,} when written"
         if verify and _hash(p) != digest:
             return f"{rel} changed since it was written (digest)"
     return None
 
 
+def _not_reusable(folder: Path, verify: bool) -> str | None:
+    """Why ``folder`` cannot be reused (no completion marker, or what ``folder_damage`` finds), or None."""
+    return folder_damage(folder, verify) if (folder / SUCCESS).is_file() else "it has no completion marker"
+
+
 def is_complete(folder: str | Path, verify: bool = False) -> bool:
     """True if a stage folder was finished (its success marker exists) and every file it listed is still there with
     its size (with ``verify``, its digest too)."""
-    folder = Path(folder)
-    return (folder / SUCCESS).is_file() and folder_damage(folder, verify) is None
+    return _not_reusable(Path(folder), verify) is None
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of every file below ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _write_marker(tmp: Path) -> None:
@@ -152,13 +165,31 @@ def _write_marker(tmp: Path) -> None:
     write_json_atomic(tmp / SUCCESS, {"files": files})
 
 
+def lock_path(final: Path) -> Path:
+    return final.parent / f".lock-{final.name}"
+
+
+def lock_held(final: Path) -> bool:
+    """True while a run holds ``final``'s lock (is building it)."""
+    path = lock_path(final)
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+    return False
+
+
 @contextlib.contextmanager
 def key_lock(final: Path) -> Iterator[None]:
     """Hold ``final``'s lock: an OS file lock (``fcntl.flock``), released by the kernel when its holder exits, even
     killed. A run that has to wait says so once, with the holder's pid."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    path = final.parent / f".lock-{final.name}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path(final), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -186,13 +217,14 @@ def atomic_dir(final: str | Path, verify: bool = False) -> Iterator[Path | None]
     """
     final = Path(final)
     with key_lock(final):
-        if is_complete(final, verify):
+        why = _not_reusable(final, verify)
+        if why is None:
             yield None
             return
         for stale in final.parent.glob(f".tmp-{final.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
-            _move_aside(final, verify)
+            _move_aside(final, why)
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -200,7 +232,7 @@ def atomic_dir(final: str | Path, verify: bool = False) -> Iterator[Path | None]
             _write_marker(tmp)
             os.replace(tmp, final)
         except BaseException as exc:
-            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
+            written = folder_bytes(tmp) if tmp.exists() else 0
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
                 raise DiskFullError(
@@ -211,8 +243,7 @@ def atomic_dir(final: str | Path, verify: bool = False) -> Iterator[Path | None]
             raise
 
 
-def _move_aside(final: Path, verify: bool) -> None:
-    why = folder_damage(final, verify) if (final / SUCCESS).is_file() else "it has no completion marker"
+def _move_aside(final: Path, why: str) -> None:
     aside = final.parent / f".damaged-{final.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     os.replace(final, aside)
     notice(f"{final.parent.name}/{final.name} cannot be reused ({why}): moved aside to {aside.name}; computing it again")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sft_engine.config import ConfigError, PipelineConfig
 from sft_engine.errors import UserError
+from sft_engine.io import folder_bytes
 
 # Stages in order; a command runs every stage up to and including its own.
 STAGES = ("curate", "prepare", "train", "evaluate")
@@ -83,7 +84,7 @@ def check_sources(cfg: PipelineConfig) -> tuple[list[Problem], int]:
             if not os.access(f, os.R_OK):
                 problems.append(Problem(f"source '{s.name}': '{f}' is not readable", key, "fix its permissions"))
             else:
-                size += sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
+                size += folder_bytes(f) if f.is_dir() else f.stat().st_size
     for i, es in enumerate(cfg.curate.decontaminate.eval_sets):
         if es.path is not None and not glob.glob(es.path):
             problems.append(Problem(f"eval set '{es.name}': '{es.path}' matches no file", f"curate.decontaminate.eval_sets.{i}.path",
