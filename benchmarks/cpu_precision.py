@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="training steps per precision (default: %(default)s)")
     args = ap.parse_args()
 
-    from sft_engine.evaluate import heldout_loss, inference_precision
+    from sft_engine.evaluation.heldout import heldout_loss
+    from sft_engine.evaluation.suite import inference_precision
     from sft_engine.model import load_model, resolve_model
 
     flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0] if Path("/proc/cpuinfo").exists() else ""

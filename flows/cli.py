@@ -50,7 +50,8 @@ STAGE_HELP = {
     "prepare": "Curate if needed, then render chat templates, mask labels and pack.",
     "train": "Curate and prepare if needed, then fine-tune with DeepSpeed.",
     "evaluate": "Everything before it if needed, then base vs tuned: held-out loss, knowledge retention (lm-eval: "
-    "MMLU, OpenBookQA, PIQA...), IFBench instruction following, the verifiable task set; applies evaluate.gate. "
+    "MMLU, OpenBookQA, PIQA...), IFBench instruction following, the verifiable task set, and the team's own suites "
+    "from files (evaluate.suites: generation, multiple_choice, loss); applies evaluate.gate. "
     "With --model PATH, evaluates any local Hugging Face model folder instead of training one.",
 }
 
@@ -172,7 +173,7 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
         if key in result:
             out.print(f"{key + ':':10s}{result[key]}", markup=False)
     if result.get("table"):
-        from sft_engine.evaluate import format_table
+        from sft_engine.evaluation.report import format_table
 
         out.print("\nevaluation, base vs tuned (± one standard error; loss: lower is better)")
         out.print(format_table(result["table"]), markup=False)

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, unmapped
 from flows.runners import task_runner
 from sft_engine.config import PipelineConfig, config_to_dict
 from sft_engine.curation.stage import CurateUnit
-from sft_engine.evaluate import GateFailed
+from sft_engine.evaluation.report import GateFailed
 from sft_engine.io import StageOutput
 from tasks import tracking
 from tasks.stages import curate_plan_task, curate_task, curate_unit_task, evaluate_task, prepare_task, register_task, train_task

@@ -23,6 +23,7 @@ from flows.runners import task_runner
 from sft_engine import plots
 from sft_engine.config import PipelineConfig, RunnerConfig, config_to_dict
 from sft_engine.io import atomic_dir, digest_json, is_complete, read_json, stage_dir, write_json_atomic
+from sft_engine.evaluation.registry import metric_specs
 from sft_engine.sweep import Variant, comparison_rows, config_identity, expand_variants, leaders, markdown, variant_config
 from tasks import tracking
 
@@ -105,10 +106,11 @@ def _write_comparison(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]],
     import polars as pl
 
     first = next(iter(summaries.values()))
-    rows = comparison_rows(summaries, first["base"])
+    specs = metric_specs(cfg.evaluate)
+    rows = comparison_rows(summaries, first["base"], specs)
     for r in rows:
         r["same_as"] = same_as.get(r["variant"], r["variant"]) if r["variant"] != "base" else "base"
-    lead = leaders(rows)
+    lead = leaders(rows, specs)
     out = stage_dir(cfg.work_dir, "sweeps", digest_json({"rows": rows}))
     if is_complete(out, cfg.verify_reuse):
         return out
@@ -118,7 +120,7 @@ def _write_comparison(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]],
         write_json_atomic(tmp / "comparison.json", rows)
         write_json_atomic(tmp / "leaders.json", lead)
         pl.DataFrame(rows, infer_schema_length=None).write_csv(tmp / "comparison.csv")
-        (tmp / "comparison.md").write_text(markdown(rows, lead) + "\n")
+        (tmp / "comparison.md").write_text(markdown(rows, lead, specs) + "\n")
         plots.sweep_metrics(rows, tmp / "sweep_metrics.png")
         plots.sweep_shares(rows, tmp / "sweep_shares.png")
         (tmp / "variants.json").write_text(json.dumps({n: {k: s[k] for k in ("mlflow_run_id", "steps", "tokens")} for n, s in summaries.items()}, indent=2))

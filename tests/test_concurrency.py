@@ -84,8 +84,8 @@ def test_a_run_killed_at_any_point_reruns_to_the_same_outputs(prefect_api: str, 
         sys.executable, "-m", "flows.cli", "run", "-c", str(ROOT / "conf" / "demo.yaml"), f"model={tiny_model}",
         "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 200}]", "prepare.max_seq_len=128",
         "train.max_steps=40", "train.grad_accum=1", "train.checkpoint_every=3", "train.lr=1e-3", "experiment=killed",
-        "evaluate.knowledge.tasks=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench_limit=2",
-        "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=2", "evaluate.generate_samples=1", "evaluate.max_new_tokens=4",
+        "evaluate.knowledge.sets=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench.limit=2",
+        "evaluate.ifbench.max_new_tokens=4", "evaluate.verifiable.limit=2", "evaluate.samples.n=1", "evaluate.samples.max_new_tokens=4", "evaluate.verifiable.max_new_tokens=4",
         "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.max_knowledge_drop=null",
     ]
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
@@ -130,10 +130,10 @@ def test_three_runs_at_once_on_one_work_dir_all_complete_and_compute_shared_stag
     common = [f"model={tiny_model}", "curate.sources=[{name: t, builtin: verifiable_tasks, limit: 1500}, {name: c, builtin: chitchat, limit: 200}]",
               "experiment=shared"]
     evaluate = [
-        "train.max_steps=2", "evaluate.generate_samples=1", "evaluate.max_new_tokens=4",
+        "train.max_steps=2", "evaluate.samples.n=1", "evaluate.samples.max_new_tokens=4", "evaluate.verifiable.max_new_tokens=4",
         # every suite on a couple of items; the gate off (two steps of a random tiny model prove nothing)
-        "evaluate.knowledge.tasks=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench_limit=2",
-        "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=2", "evaluate.gate.heldout_loss_must_drop=false",
+        "evaluate.knowledge.sets=[boolq]", "evaluate.knowledge.limit=2", "evaluate.ifbench.limit=2",
+        "evaluate.ifbench.max_new_tokens=4", "evaluate.verifiable.limit=2", "evaluate.gate.heldout_loss_must_drop=false",
         "evaluate.gate.max_knowledge_drop=null",
     ]
     common += evaluate  # the evaluation sets feed decontamination, so all three share them to share curation
@@ -154,9 +154,10 @@ def test_three_runs_at_once_on_one_work_dir_all_complete_and_compute_shared_stag
         cfg = load_config(ROOT / "conf" / "demo.yaml", [f"work_dir={serial}", *common, *extra])
         stages.run_prepare(cfg, run_curate(cfg).path)
     got, want = _markers(shared), _markers(serial)
-    # prepare x3: 256, 512, and the held-out rows under the tuned model's saved tokenizer (evaluate's _heldout_data).
+    # prepare x3: 256, 512, and the held-out rows under the tuned model's saved tokenizer (evaluate's _heldout_data);
+    # evaluate_models: base and tuned, each on the five suites (the demo's word_problems among them) and the samples.
     assert sorted(k.split("/")[0] for k in got) == ["curate", "curate_dedup", "curate_sources", "curate_sources", "evaluate",
-                                                    "evaluate_models", "evaluate_models", "prepare", "prepare", "prepare", "train"]
+                                                    *["evaluate_models"] * 12, "prepare", "prepare", "prepare", "train"]
     for folder, files in want.items():
         if folder.startswith("curate/"):
             # stats.json's "cache" says which units this folder's run found finished: history, not data.

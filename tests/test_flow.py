@@ -16,9 +16,13 @@ pytestmark = pytest.mark.slow
 
 # Every suite runs, on a few items each, with a gate the random tiny model can pass.
 TINY_EVAL = (
-    "evaluate.knowledge.tasks=[mmlu, boolq]", "evaluate.knowledge.limit=4", "evaluate.ifbench_limit=3",
-    "evaluate.ifbench_max_new_tokens=8", "evaluate.tasks_limit=4", "evaluate.gate.max_knowledge_drop=null",
+    "evaluate.knowledge.sets=[mmlu, boolq]", "evaluate.knowledge.limit=4", "evaluate.ifbench.limit=3",
+    "evaluate.ifbench.max_new_tokens=8", "evaluate.verifiable.limit=4", "evaluate.gate.max_knowledge_drop=null",
 )
+
+
+ARITH_SUITE = (f"evaluate.suites=[{{name: arith, kind: generation, path: {Path(__file__).parent / 'data' / 'suites' / 'arithmetic.jsonl'}, "
+               "metric: numeric, max_new_tokens: 4}]")
 
 
 def _cfg_overrides(tmp_path: Path, tiny_model: Path) -> list[str]:
@@ -27,7 +31,7 @@ def _cfg_overrides(tmp_path: Path, tiny_model: Path) -> list[str]:
         "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 160}, {name: chat, builtin: chitchat, limit: 40}]",
         "curate.heldout_fraction=0.1", "prepare.max_seq_len=256",
         "train.max_steps=2", "train.grad_accum=2", "train.lr=3e-3", "train.warmup_steps=0",
-        "evaluate.generate_samples=2", "evaluate.max_new_tokens=4", *TINY_EVAL,
+        "evaluate.samples.n=2", "evaluate.samples.max_new_tokens=4", "evaluate.verifiable.max_new_tokens=4", *TINY_EVAL,
     ]
 
 
@@ -59,24 +63,24 @@ def test_pipeline_flow_end_to_end_and_rerun_reuses_stages(prefect_server, tiny_m
     losses = client.get_metric_history(by_stage["train"].info.run_id, "train/loss")
     assert [m.step for m in losses] == [1, 2]
     ev = by_stage["evaluate"].data.metrics
-    names = {"heldout.loss", "knowledge.mmlu.acc", "knowledge.boolq.acc_norm", "ifbench.prompt_loose", "tasks.exact_match"}
+    names = {"heldout.loss", "knowledge.mmlu.acc", "knowledge.boolq.acc_norm", "ifbench.prompt_loose", "verifiable.exact_match"}
     assert {f"eval/{n}/{c}" for n in names for c in ("base", "tuned", "delta")} <= set(ev)
     assert ev["eval/heldout.loss/delta"] == pytest.approx(ev["eval/heldout.loss/tuned"] - ev["eval/heldout.loss/base"])
     assert {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)} >= {
         "table.csv", "table.json", "items.jsonl", "eval_table.png", "samples.json"
     }
     for name, value in ev.items():
-        if name.startswith(("eval/knowledge.", "eval/ifbench.", "eval/tasks.")) and name.endswith(("/base", "/tuned")):
+        if name.startswith(("eval/knowledge.", "eval/ifbench.", "eval/verifiable.")) and name.endswith(("/base", "/tuned")):
             assert 0.0 <= value <= 1.0, name
     assert ev["eval/heldout.loss/tuned_stderr"] > 0
     assert [r["metric"] for r in result["table"]] == [
-        "heldout.loss", "heldout.perplexity", "ifbench.instruction_loose", "ifbench.instruction_strict", "ifbench.prompt_loose",
-        "ifbench.prompt_strict", "knowledge.boolq.acc", "knowledge.boolq.acc_norm", "knowledge.mmlu.acc",
-        "knowledge.mmlu.acc_norm", "tasks.exact_match",
+        "heldout.loss", "heldout.perplexity", "knowledge.mmlu.acc", "knowledge.mmlu.acc_norm", "knowledge.boolq.acc",
+        "knowledge.boolq.acc_norm", "ifbench.prompt_strict", "ifbench.prompt_loose", "ifbench.instruction_strict",
+        "ifbench.instruction_loose", "verifiable.exact_match",
     ]
     assert all(r["base"] is not None and r["delta"] == pytest.approx(r["tuned"] - r["base"]) for r in result["table"])
     assert by_stage["evaluate"].data.tags["sft.gate"] == parent.data.tags["sft.gate"] == "passed"
-    assert parent.data.metrics["eval/tasks.exact_match/tuned"] == ev["eval/tasks.exact_match/tuned"]
+    assert parent.data.metrics["eval/verifiable.exact_match/tuned"] == ev["eval/verifiable.exact_match/tuned"]
 
     artifacts = {a.path for a in client.list_artifacts(by_stage["curate"].info.run_id)}
     assert {"stats.json", "drop_reasons.png", "config.json", "lengths_before_after.png", "source_share.png", "report.md", "drop_samples"} <= artifacts
@@ -180,10 +184,10 @@ def test_gate_decides_registration_and_the_flow_state_says_why(prefect_server, t
 
     from flows.cli import main
     from flows.pipeline import sft_pipeline
-    from sft_engine.evaluate import GateFailed
+    from sft_engine.evaluation.report import GateFailed
 
-    cfg = _cfg(tmp_path, tiny_model, "experiment=gate-test", "evaluate.register_model=tiny-sft",
-               "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.min_scores={tasks.exact_match: 0.0}")
+    cfg = _cfg(tmp_path, tiny_model, "experiment=gate-test", "evaluate.register_model=tiny-sft", ARITH_SUITE,
+               "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.min_scores={arith.numeric: 0.0}")
     result = sft_pipeline(config=config_to_dict(cfg))
     assert result["gate"] == {"passed": True, "reasons": []} and result["registered_version"] == "1"
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri())
@@ -194,12 +198,16 @@ def test_gate_decides_registration_and_the_flow_state_says_why(prefect_server, t
     assert version.tags["packed_digest"] == json.loads((Path(result["prepared"]) / "manifest.json").read_text())["digest"]
     assert version.tags["prefect_flow_run_id"] == parent.data.tags["prefect.flow_run_id"] and version.tags["git_commit"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "model")} >= {"model/model.safetensors"}
+    # The team's own suite is scored, compared and logged like the built-ins.
+    assert {"eval/arith.numeric/base", "eval/arith.numeric/tuned", "eval/arith.numeric/delta"} <= set(parent.data.metrics)
+    assert next(r for r in result["table"] if r["metric"] == "arith.numeric")["higher_is_better"] is True
 
-    # An unreachable minimum: the flow fails with the reason, nothing new is registered, scores are reused.
-    strict = _cfg(tmp_path, tiny_model, "experiment=gate-test", "evaluate.register_model=tiny-sft",
-                  "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.min_scores={tasks.exact_match: 1.01}")
+    # An unreachable minimum on the team's own metric: the flow fails with the reason, nothing new is registered,
+    # scores are reused.
+    strict = _cfg(tmp_path, tiny_model, "experiment=gate-test", "evaluate.register_model=tiny-sft", ARITH_SUITE,
+                  "evaluate.gate.heldout_loss_must_drop=false", "evaluate.gate.min_scores={arith.numeric: 1.01}")
     state = sft_pipeline(config=config_to_dict(strict), return_state=True)
-    assert state.is_failed() and "tasks.exact_match = " in state.message and "below the minimum 1.01" in state.message
+    assert state.is_failed() and "arith.numeric = " in state.message and "below the minimum 1.01" in state.message
     with pytest.raises(GateFailed):
         state.result()
     assert len(client.search_model_versions("name='tiny-sft'")) == 1
@@ -209,20 +217,21 @@ def test_gate_decides_registration_and_the_flow_state_says_why(prefect_server, t
         [parent.info.experiment_id], "tags.`sft.gate` = 'failed' and tags.`sft.stage` = 'sft_pipeline'"
     )
     assert len(failed_parent) == 1 and "below the minimum 1.01" in failed_parent[0].data.tags["sft.gate_reasons"]
+    assert failed_parent[0].data.tags["sft.gate_reasons"].startswith("arith.numeric = ")
 
     # Standalone: any local model folder against the config's base model; finished stages are reused.
     argv = ["evaluate", "--model", result["model"], "-c", "conf/demo.yaml", *_cfg_overrides(tmp_path, tiny_model),
             "experiment=gate-test", "evaluate.gate.heldout_loss_must_drop=false"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "| tasks.exact_match |" in out and "gate: passed" in out
-    assert main([*argv, "evaluate.gate.min_scores={tasks.exact_match: 1.01}"]) == 3
-    assert "evaluation gate failed: tasks.exact_match" in capsys.readouterr().err
+    assert "| verifiable.exact_match | ↑ |" in out and "| word_problems.numeric | ↑ |" in out and "gate: passed" in out
+    assert main([*argv, "evaluate.gate.min_scores={verifiable.exact_match: 1.01}"]) == 3
+    assert "evaluation gate failed: verifiable.exact_match" in capsys.readouterr().err
 
     # gc on this work_dir: a later run with another max_seq_len left a prepare folder nothing else refers to, and a
     # killed run a temporary folder. The registered version keeps its run's folders (and what they were made from).
     work = tmp_path / "work"
-    other = sft_pipeline(config=config_to_dict(_cfg(tmp_path, tiny_model, "experiment=gate-test", "prepare.max_seq_len=128")),
+    other = sft_pipeline(config=config_to_dict(_cfg(tmp_path, tiny_model, "experiment=gate-test", ARITH_SUITE, "prepare.max_seq_len=128")),
                          until="prepare")
     other_prepared = Path(other["prepared"])
     stale = work / "prepare" / ".tmp-0123456789abcdef-deadbeef"
@@ -242,7 +251,7 @@ def test_gate_decides_registration_and_the_flow_state_says_why(prefect_server, t
     # The standalone evaluation above registered the same model as sft-demo (conf/demo.yaml's register_model).
     assert set(lines[f"train/{trained.name}"].removeprefix("keep: ").split("; ")) == {
         "registered tiny-sft v1", "registered sft-demo v1", "the config"}
-    assert all(why.startswith("keep: ") for rel, why in lines.items() if rel.split("/")[1] not in (other_prepared.name, stale.name))
+    assert {rel: why for rel, why in lines.items() if rel.split("/")[1] not in (other_prepared.name, stale.name) and not why.startswith("keep: ")} == {}
     assert any(rel.startswith("evaluate_models/") for rel in lines)  # scores kept through the evaluation's inputs.json
     assert gc_lines("--keep-last", "1")[f"prepare/{other_prepared.name}"].startswith("keep: run ")
     from sft_engine.io import key_lock

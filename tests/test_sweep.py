@@ -9,9 +9,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sft_engine.config import SweepConfig, config_to_dict, load_config
+from sft_engine.evaluation.registry import metric_specs
 from sft_engine.sweep import Variant, comparison_rows, expand_variants, leaders, markdown, steps_for_budget, variant_config
 
 SOURCES = "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 160}, {name: chat, builtin: chitchat, limit: 40}]"
+SUPPORT_SUITE = f"evaluate.suites=[{{name: support, kind: loss, path: {Path(__file__).parent / 'data' / 'suites' / 'support_chats.jsonl'}}}]"
 
 
 def _base(tmp_path: Path, model: str = "smollm2-135m", *extra: str) -> dict:
@@ -44,28 +46,39 @@ def test_variant_config_applies_overrides_drops_sources_and_the_token_budget(tmp
         variant_config(base, sweep, Variant("x", drop_sources=("nope",)))
 
 
-def test_comparison_marks_leads_within_noise() -> None:
-    base = {"tasks.exact_match": 0.10, "tasks.exact_match_stderr": 0.03, "heldout.loss": 2.0, "heldout.loss_stderr": 0.01}
+def test_comparison_marks_leads_within_noise_with_each_metrics_direction() -> None:
+    specs = metric_specs(load_config(None, [SOURCES, SUPPORT_SUITE]).evaluate)
+    base = {"verifiable.exact_match": 0.10, "verifiable.exact_match_stderr": 0.03, "heldout.loss": 2.0, "heldout.loss_stderr": 0.01,
+            "heldout.perplexity": 7.39, "support.loss": 3.0, "support.loss_stderr": 0.1}
     results = {
         "a": {"shares": {"tasks": 0.5, "chat": 0.5}, "tokens": 1000,
-              "scores": {"tasks.exact_match": 0.50, "tasks.exact_match_stderr": 0.05, "heldout.loss": 1.50, "heldout.loss_stderr": 0.01}},
+              "scores": {"verifiable.exact_match": 0.50, "verifiable.exact_match_stderr": 0.05, "heldout.loss": 1.50, "heldout.loss_stderr": 0.01,
+                         "support.loss": 2.9, "support.loss_stderr": 0.1}},
         "b": {"shares": {"tasks": 1.0}, "tokens": 1000,
-              "scores": {"tasks.exact_match": 0.45, "tasks.exact_match_stderr": 0.05, "heldout.loss": 1.60, "heldout.loss_stderr": 0.01}},
+              "scores": {"verifiable.exact_match": 0.45, "verifiable.exact_match_stderr": 0.05, "heldout.loss": 1.60, "heldout.loss_stderr": 0.01,
+                         "support.loss": 2.2, "support.loss_stderr": 0.1}},
     }
-    rows = comparison_rows(results, base)
+    rows = comparison_rows(results, base, specs)
     assert [r["variant"] for r in rows] == ["base", "a", "b"]
-    assert rows[2]["share.chat"] == 0.0 and rows[1]["tasks.exact_match_delta_vs_base"] == pytest.approx(0.40)
-    lead = {x["metric"]: x for x in leaders(rows)}
+    assert [k for k in rows[0] if not k.endswith(("_stderr", "_delta_vs_base"))] == [
+        "variant", "share.chat", "share.tasks", "tokens", "heldout.loss", "verifiable.exact_match", "support.loss",
+    ]  # perplexity is a function of the loss: not compared
+    assert rows[2]["share.chat"] == 0.0 and rows[1]["verifiable.exact_match_delta_vs_base"] == pytest.approx(0.40)
+    lead = {x["metric"]: x for x in leaders(rows, specs)}
     # 0.05 apart with a difference stderr of 0.0707: within noise. Loss 0.10 apart, stderr 0.0141: a real lead.
-    assert (lead["tasks.exact_match"]["best"], lead["tasks.exact_match"]["significant"]) == ("a", False)
+    assert (lead["verifiable.exact_match"]["best"], lead["verifiable.exact_match"]["significant"]) == ("a", False)
     assert (lead["heldout.loss"]["best"], lead["heldout.loss"]["significant"]) == ("a", True)
     assert lead["heldout.loss"]["lead"] == pytest.approx(0.10)
-    md = markdown(rows, leaders(rows))
-    assert "| a | 50 | 50 | 1,000 | 0.500 ±0.050 | 1.500 ±0.010 |" in md
-    assert "- tasks.exact_match: a leads b by 0.050 (stderr 0.071), within noise: not ranked" in md
+    # The team's own loss suite: lower is better, so b leads by 0.7 (stderr 0.141).
+    assert (lead["support.loss"]["best"], lead["support.loss"]["lower_is_better"], lead["support.loss"]["significant"]) == ("b", True, True)
+    md = markdown(rows, leaders(rows, specs), specs)
+    assert "| variant | chat % | tasks % | tokens | heldout.loss ↓ | verifiable.exact_match ↑ | support.loss ↓ |" in md
+    assert "| a | 50 | 50 | 1,000 | 1.500 ±0.010 | 0.500 ±0.050 | 2.900 ±0.100 |" in md
+    assert "- verifiable.exact_match: a leads b by 0.050 (stderr 0.071), within noise: not ranked" in md
+    assert "- support.loss: b leads a by 0.700 (stderr 0.141), a lead beyond noise" in md
     # A tie is said as one, not as a lead of 0.
-    rows[2]["tasks.exact_match"] = 0.50
-    assert "- tasks.exact_match: a and b tie at 0.500: not ranked" in markdown(rows, leaders(rows))
+    rows[2]["verifiable.exact_match"] = 0.50
+    assert "- verifiable.exact_match: a and b tie at 0.500: not ranked" in markdown(rows, leaders(rows, specs), specs)
 
 
 @pytest.mark.slow
@@ -75,10 +88,10 @@ def test_sweep_end_to_end_then_rerun_with_one_more_variant(prefect_server, tiny_
     common = [
         f"work_dir={tmp_path / 'work'}", f"model={tiny_model}", "experiment=sweep-test", SOURCES, "curate.heldout_fraction=0.1",
         "prepare.max_seq_len=256", "train.grad_accum=2", "train.lr=3e-3", "train.warmup_steps=0",
-        "evaluate.knowledge.tasks=[boolq]", "evaluate.knowledge.limit=3", "evaluate.ifbench_limit=2",
-        "evaluate.ifbench_max_new_tokens=4", "evaluate.tasks_limit=3", "evaluate.max_new_tokens=4", "evaluate.generate_samples=1",
+        "evaluate.knowledge.sets=[boolq]", "evaluate.knowledge.limit=3", "evaluate.ifbench.limit=2",
+        "evaluate.ifbench.max_new_tokens=4", "evaluate.verifiable.limit=3", "evaluate.samples.max_new_tokens=4", "evaluate.verifiable.max_new_tokens=4", "evaluate.samples.n=1",
         "evaluate.gate.max_knowledge_drop=null", "evaluate.gate.heldout_loss_must_drop=false",
-        "sweep.baseline=false", "sweep.leave_one_out=true", "sweep.token_budget=1024",
+        SUPPORT_SUITE, "sweep.baseline=false", "sweep.leave_one_out=true", "sweep.token_budget=1024",
         "sweep.variants=[{name: more_tasks, overrides: [curate.sources.0.weight=2]}]",
     ]
     cfg = load_config(None, common)
@@ -104,6 +117,11 @@ def test_sweep_end_to_end_then_rerun_with_one_more_variant(prefect_server, tiny_
     assert {"comparison.csv", "comparison.json", "comparison.md", "leaders.json", "sweep_metrics.png", "sweep_shares.png"} <= artifacts
     csv_head = (Path(result["output_dir"]) / "comparison.csv").read_text().splitlines()[0].split(",")
     assert csv_head[:4] == ["variant", "share.chat", "share.tasks", "tokens"] and "heldout.loss_stderr" in csv_head
+    # The team's own loss suite is compared like the built-ins, lower being better.
+    lead = {x["metric"]: x for x in result["leaders"]}
+    losses = {r["variant"]: r["support.loss"] for r in result["rows"] if r["variant"] != "base"}
+    assert lead["support.loss"]["lower_is_better"] is True and lead["support.loss"]["best"] == min(losses, key=losses.__getitem__)
+    assert "support.loss ↓" in (Path(result["output_dir"]) / "comparison.md").read_text()
 
     # One more variant, two at a time on a local 2-worker Dask cluster: every earlier variant is reused,
     # only the new one trains (in a Dask worker process).

@@ -98,7 +98,7 @@ def test_grad_norm_is_reported_at_every_zero_stage(tiny_model: Path, packed: Pat
 def test_periodic_heldout_eval_matches_standalone_evaluation(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from sft_engine.evaluate import heldout_loss
+    from sft_engine.evaluation.heldout import heldout_loss
 
     cfg = TrainConfig(zero_stage=3, max_steps=2, grad_accum=1, eval_every=2, eval_max_rows=None, lr=1e-3)
     result = train(tiny_model, packed, tmp_path / "m", cfg, seed=0, show_progress=False, eval_data=packed)

@@ -19,13 +19,16 @@ import polars as pl
 from sft_engine.config import DecontamConfig, EvalSetConfig
 from sft_engine.curation.near_dedup import shingle_hashes
 from sft_engine.curation.read import SourceError, read_objects
-from sft_engine.evalsets import eval_texts
+from sft_engine.evaluation.registry import builtin_texts, suite_from_view
 
 
 def eval_items(es: EvalSetConfig) -> list[str]:
-    """The text of every item of one eval set (the configured fields present, joined)."""
+    """The text of every item of one eval set: a built-in set's or an evaluation suite's as the suite says, a file's
+    configured fields present, joined."""
     if es.builtin is not None:
-        return eval_texts(es.builtin)
+        return builtin_texts(es.builtin)
+    if es.suite is not None:
+        return suite_from_view(es.suite).decontam_sets()[es.name]()
     assert es.path is not None
     rows = read_objects(es.path, f"eval set '{es.name}'")
     if not rows:
@@ -52,9 +55,10 @@ class _EvalIndex:
 def _files_stamp(es: EvalSetConfig) -> tuple[tuple[str, int, int], ...]:
     """(path, size, mtime) of an eval set's files: part of the cache key, so a long-lived process (a served
     deployment) sees an edited eval file."""
-    if es.path is None:
+    path = es.path if es.suite is None else es.suite["path"]
+    if path is None:
         return ()
-    return tuple((p, (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in sorted(glob.glob(es.path)))
+    return tuple((p, (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in sorted(glob.glob(path)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -28,13 +28,14 @@ import numpy as np
 import polars as pl
 
 from sft_engine import __version__, plots
-from sft_engine.config import PipelineConfig, SourceConfig, cache_view, config_to_dict
+from sft_engine.config import PipelineConfig, SourceConfig, config_to_dict
 from sft_engine.curation.curate import check_rows
 from sft_engine.curation.dedup import dedup_and_split
 from sft_engine.curation.mix import MARK_COLUMNS, REJECTED_COLUMNS, plan_outputs
 from sft_engine.curation.rules import all_reasons
 from sft_engine.curation.schema import CANONICAL_COLUMNS, KEY, row_dicts
 from sft_engine.curation.sources import read_source, source_files
+from sft_engine.fields import cache_view
 from sft_engine.io import (
     StageOutput,
     atomic_dir,
@@ -74,7 +75,8 @@ def _eval_sets_identity(cfg: PipelineConfig) -> list[Any]:
         if es.builtin is not None:
             out.append([es.name, es.builtin, __version__])
         else:
-            out.append([es.name, [[p, digest_path(Path(p))] for p in sorted(glob.glob(es.path or ""))]])
+            path = es.path if es.suite is None else es.suite["path"]
+            out.append([es.name, [[p, digest_path(Path(p))] for p in sorted(glob.glob(path or ""))]])
     return out
 
 

