@@ -22,8 +22,8 @@ from flows.pipeline import curate_flow, prepare_flow, sft_pipeline
 from flows.runners import task_runner
 from sft_engine import plots
 from sft_engine.config import PipelineConfig, RunnerConfig, config_to_dict
-from sft_engine.io import atomic_dir, digest_json, is_complete, read_json, stage_dir, write_json_atomic
 from sft_engine.evaluation.registry import metric_specs
+from sft_engine.io import atomic_dir, digest_json, is_complete, read_json, stage_dir, write_json_atomic
 from sft_engine.sweep import Variant, comparison_rows, config_identity, expand_variants, leaders, markdown, variant_config
 from tasks import tracking
 

@@ -170,7 +170,7 @@ def _suite(cfg: PipelineConfig, name: str) -> Suite:
 
 
 def test_a_changed_suite_file_re_scores_that_suite_and_redoes_decontamination(stage_inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    d, model, heldout = stage_inputs
+    _d, model, heldout = stage_inputs
     path = tmp_path / "arith.jsonl"
     path.write_text(ARITH.read_text())
     cfg = _cfg(f"evaluate.suites.0.path={path}")

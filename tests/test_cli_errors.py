@@ -64,10 +64,10 @@ def test_a_suite_of_ones_own_that_cannot_be_scored_stops_the_run_before_any_work
     code, out, err = _run(capsys, "evaluate", "-c", "conf/demo.yaml", f"work_dir={work}", suites)
     assert code == 2
     assert err.strip().splitlines() == [
-        f"sft-pipeline: evaluate.suites 'quiz' ({bad}, item 1): 'gold' = 5 is not an index into its 2 choices (0-1) "
-        "(evaluate.suites.0); fix the file, or the suite's settings",
-        f"sft-pipeline: evaluate.suites 'checked' ({bad}): the checker 'nope.mod:check' cannot be imported (No module named 'nope'); "
-        "install its package or add it to PYTHONPATH (evaluate.suites.1); fix the file, or the suite's settings",
+        (f"sft-pipeline: evaluate.suites 'quiz' ({bad}, item 1): 'gold' = 5 is not an index into its 2 choices (0-1) "
+        "(evaluate.suites.0); fix the file, or the suite's settings"),
+        (f"sft-pipeline: evaluate.suites 'checked' ({bad}): the checker 'nope.mod:check' cannot be imported (No module named 'nope'); "
+        "install its package or add it to PYTHONPATH (evaluate.suites.1); fix the file, or the suite's settings"),
     ]
     assert out == "" and not work.exists()
 
