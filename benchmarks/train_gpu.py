@@ -86,6 +86,7 @@ def run_ours(spec: dict) -> dict:
         zero_stage=spec["zero_stage"], precision=spec["precision"], micro_batch_size=spec["micro_batch"],
         grad_accum=spec["grad_accum"], max_steps=spec["steps"], lr=1e-4, warmup_steps=0, min_lr_ratio=0.1,
         betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, attn_implementation=spec["attn"],
+        lm_head_chunk=spec["lm_head_chunk"] or None,
     )
     ends: list[float] = []
     cpu: list[float] = []
@@ -216,6 +217,10 @@ def main() -> None:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2, help="our DeepSpeed ZeRO stage (default 2, as shipped)")
     p.add_argument("--attn", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",
                    help="auto: flash_attention_2 on GPU if flash-attn is importable, else sdpa")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="both sides (default: bf16 on GPU, fp32 on CPU); ours bf16 weights + fp32 master, TRL bf16 autocast")
+    p.add_argument("--lm-head-chunk", type=int, default=1024,
+                   help="our train.lm_head_chunk (default 1024, as shipped; 0 = full logits)")
     p.add_argument("--work-dir", help="keep curated/prepared data here (reused across runs); default: a temporary folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -237,7 +242,7 @@ def main() -> None:
     mb, ga = args.micro_batch or d["micro_batch"], args.grad_accum or d["grad_accum"]
     if not 1 <= warmup < steps:
         raise SystemExit("--warmup must be at least 1 and below --steps")
-    precision = "bf16" if device == "cuda" else "fp32"
+    precision = ("bf16" if device == "cuda" else "fp32") if args.precision == "auto" else args.precision
     attn = pick_attn(device, args.attn)
 
     load0 = os.getloadavg()[0]
@@ -252,7 +257,7 @@ def main() -> None:
               f"built in {time.perf_counter() - t:.0f}s; model {model_dir}")
         spec = {
             "model_dir": str(model_dir), "data_path": str(data_path), "out": tmp, "device": device, "precision": precision,
-            "attn": attn, "zero_stage": args.zero_stage, "seq_len": seq_len, "steps": steps, "micro_batch": mb, "grad_accum": ga,
+            "attn": attn, "zero_stage": args.zero_stage, "lm_head_chunk": args.lm_head_chunk, "seq_len": seq_len, "steps": steps, "micro_batch": mb, "grad_accum": ga,
             "seed": args.seed, "order": consumed_rows(n_rows, mb, args.seed, steps * ga),
         }
         spec_file = Path(tmp) / "spec.json"
@@ -281,7 +286,8 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{Path(str(model_dir)).name} on {dev}: seq_len {seq_len}, micro_batch {mb} x grad_accum {ga} = {tokens_per_step} "
-          f"tokens/step, {steps} steps ({warmup} warm-up not timed), {precision}, attn {attn}, ours ZeRO-{args.zero_stage}")
+          f"tokens/step, {steps} steps ({warmup} warm-up not timed), {precision}, attn {attn}, ours ZeRO-{args.zero_stage}, "
+          f"lm_head_chunk {args.lm_head_chunk or 'off'}")
     mem = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
     busy = "CPU busy"
     print(f"{'side':5} {'tokens/s':>10} {'(median)':>9} {'s/step':>8} {mem:>13} {'MFU':>7} {busy:>9} {'loss@1':>8} {'gnorm@1':>8} "

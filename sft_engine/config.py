@@ -284,6 +284,16 @@ class TrainConfig(Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(json_schema_extra=keyed("train"), 
         default="sdpa", description="Attention kernel; all respect packed sample boundaries."
     )
+    lm_head_chunk: int | None = Field(
+        json_schema_extra=keyed("train"), default=1024, ge=16,
+        description="Compute the LM head and the loss this many tokens at a time, recomputing each chunk's logits in the "
+        "backward pass, so no [tokens, vocab] tensor is ever held whole (same loss and gradients, tests/test_train.py; "
+        "None = full logits).",
+    )
+    gradient_checkpointing: bool = Field(
+        json_schema_extra=keyed("train"), default=False,
+        description="Recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute.",
+    )
     threads: int | None = Field(json_schema_extra=unkeyed("CPU threads change the speed of the same computation"), default=None, ge=1, description="torch CPU threads (None = all cores).")
     nproc: int = Field(json_schema_extra=keyed("train"), default=1, ge=1, description="Training processes on this machine (>1 launches torch.distributed.run).")
     hostfile: str | None = Field(json_schema_extra=keyed("train"), 

@@ -1,9 +1,17 @@
-"""Token-level causal LM loss with the label shift done in one place."""
+"""Token-level causal LM loss with the label shift done in one place.
+
+Every loss here starts from per-token cross-entropies of the shifted targets (``[batch, seq - 1]``, fp32, 0 where
+the label is ignored), made either from full logits (``logit_token_losses``) or from the final hidden states and the
+LM head a chunk of tokens at a time (``chunked_token_losses``): the chunked path never holds a ``[tokens, vocab]``
+tensor, forward or backward, because each chunk's logits are recomputed in the backward pass instead of kept.
+The reductions (a token sum, per-sample sums) are the same for both, so both give the same loss and gradients.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sft_engine.constants import IGNORE_INDEX
 
@@ -11,6 +19,45 @@ from sft_engine.constants import IGNORE_INDEX
 def supervised_count(labels: torch.Tensor) -> int:
     """Tokens that carry a loss after the causal shift (position t predicts label t+1)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def logit_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy ``[batch, seq - 1]`` in fp32 from full logits (0 at ignored labels)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return tok.view(shift_labels.shape)
+
+
+def _chunk_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Per-token next-token cross-entropy ``[batch, seq - 1]`` from the final hidden states and the LM head,
+    ``chunk_tokens`` positions at a time. Each chunk runs under activation checkpointing, so only its hidden states
+    are kept for the backward pass and its ``[chunk, vocab]`` logits exist only while that chunk is computed."""
+    shift_labels = labels[:, 1:].to(hidden.device)
+    flat_h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
+    flat_y = shift_labels.reshape(-1)
+    parts = []
+    for start in range(0, flat_y.numel(), chunk_tokens):
+        h, y = flat_h[start : start + chunk_tokens], flat_y[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_ce, h, y, head, use_reentrant=False))
+        else:
+            parts.append(_chunk_ce(h, y, head))
+    return torch.cat(parts).view(shift_labels.shape)
+
+
+def _weighted(tok: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return tok if weights is None else tok * weights[:, 1:].to(tok.device, tok.dtype)
+
+
+def token_sum(tok: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of per-token losses (``logit_token_losses`` / ``chunked_token_losses``), each scaled by its weight."""
+    return _weighted(tok, weights).sum()
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -21,34 +68,23 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Te
     token weighs the same whatever micro-batch or rank it landed on. Weights do not enter that count: a turn
     of weight 2 counts twice as much as an unweighted one, a turn of weight 0.5 half (weight 0 never trains).
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    if weights is None:
-        return F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return (tok * weights[:, 1:].reshape(-1).to(tok.device, tok.dtype)).sum()
+    if weights is None:  # one fused reduction: the figures recorded before the chunked path stay bit-identical
+        shift_logits = logits[:, :-1, :].float()
+        return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels[:, 1:].reshape(-1).to(shift_logits.device),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return token_sum(logit_token_losses(logits, labels), weights)
 
 
-def segment_loss_sums(
-    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per packed sample: the sum of its (weighted) token losses and its supervised-token count (samples without
-    one omitted). Samples are the segments where ``position_ids`` restarts at 0.
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+def segment_sums(tok: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per packed sample: the sum of its (weighted) per-token losses and its supervised-token count (samples without
+    one omitted). Samples are the segments where ``position_ids`` restarts at 0."""
+    shift_labels = labels[:, 1:].to(tok.device)
     # The target at t+1 belongs to the segment of position t+1.
     segment = (position_ids == 0).cumsum(-1)[:, 1:] + torch.arange(labels.size(0)).unsqueeze(1) * labels.size(1)
     segment = segment.reshape(-1).to(tok.device)
     mask = (shift_labels.reshape(-1) != IGNORE_INDEX).to(tok.dtype)
-    scaled = tok * mask if weights is None else tok * mask * weights[:, 1:].reshape(-1).to(tok.device, tok.dtype)
+    scaled = _weighted(tok, weights).reshape(-1) * mask
     n_seg = int(segment.max()) + 1
     sums = torch.zeros(n_seg, dtype=tok.dtype, device=tok.device).index_add(0, segment, scaled)
     counts = torch.zeros(n_seg, dtype=tok.dtype, device=tok.device).index_add(0, segment, mask)
@@ -56,15 +92,28 @@ def segment_loss_sums(
     return sums[has], counts[has]
 
 
-def sample_loss_sum(
+def segment_loss_sums(
     logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``segment_sums`` from full logits."""
+    return segment_sums(logit_token_losses(logits, labels), labels, position_ids, weights)
+
+
+def sample_sum(tok: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Sum over packed samples of each sample's mean (weighted) token loss, and the number of samples with a loss.
 
     For per-sample averaging the caller divides by the sample count of the whole global batch.
     """
-    sums, counts = segment_loss_sums(logits, labels, position_ids, weights)
+    sums, counts = segment_sums(tok, labels, position_ids, weights)
     return (sums / counts).sum(), int(counts.numel())
+
+
+def sample_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """``sample_sum`` from full logits."""
+    return sample_sum(logit_token_losses(logits, labels), labels, position_ids, weights)
 
 
 def sample_count(labels: torch.Tensor, position_ids: torch.Tensor) -> int:

@@ -34,7 +34,15 @@ import torch
 
 from sft_engine.config import ConfigError, TrainConfig
 from sft_engine.data import PackedDataset, iter_batches
-from sft_engine.loss import sample_count, sample_loss_sum, supervised_count, token_loss_sum
+from sft_engine.loss import (
+    chunked_token_losses,
+    logit_token_losses,
+    sample_count,
+    sample_sum,
+    supervised_count,
+    token_loss_sum,
+    token_sum,
+)
 from sft_engine.model import load_model, load_tokenizer
 from sft_engine.runtime import notice
 
@@ -198,6 +206,43 @@ def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids", "weights") else v) for k, v in batch.items()}
 
 
+def per_token_losses(engine: Any, chunk: int | None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The training forward: a micro-batch's per-token losses ``[batch, seq - 1]``.
+
+    With ``chunk``, the engine's forward projects no position onto the vocabulary (``logits_to_keep`` of no
+    positions, which every transformers causal LM takes); the decoder's output is taken by a hook and the LM head and
+    the loss run ``chunk`` tokens at a time (``loss.chunked_token_losses``). The forward still goes through the
+    engine, so ZeRO-3 gathers and releases parameters as it always does.
+    """
+    module = engine.module
+    if chunk is None:
+        return lambda b: logit_token_losses(_forward(engine, b).logits, b["labels"])
+    captured: list[torch.Tensor] = []
+    armed = [False]  # only the training forward's output is kept (not the held-out evaluation's)
+
+    def keep_hidden(_: Any, __: Any, out: Any) -> None:
+        if armed[0]:
+            captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+    module.get_decoder().register_forward_hook(keep_hidden)
+    nothing = torch.zeros(0, dtype=torch.long)
+
+    def losses(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        captured.clear()
+        armed[0] = True
+        try:
+            _forward(engine, b, logits_to_keep=nothing.to(engine.device))
+        finally:
+            armed[0] = False
+        return chunked_token_losses(captured.pop(), module.get_output_embeddings(), b["labels"], chunk)
+
+    return losses
+
+
+def _forward(engine: Any, b: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    return engine(input_ids=b["input_ids"].to(engine.device), position_ids=b["position_ids"].to(engine.device), use_cache=False, **kwargs)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -292,7 +337,14 @@ def train(
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.min_lr_ratio))
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: the packed rows' position ids and the chunked head's own checkpoints nest inside it.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    token_losses = per_token_losses(engine, cfg.lm_head_chunk)
 
     start_step, losses, history = 0, [], []
     tokens = supervised_total = 0
@@ -336,13 +388,9 @@ def train(
             for k, b in enumerate(window):
                 if cfg.attn_implementation == "flash_attention_2":
                     b = flatten_batch(b)
-                out = engine(
-                    input_ids=b["input_ids"].to(engine.device), position_ids=b["position_ids"].to(engine.device), use_cache=False
-                )
-                if cfg.loss_norm == "token":
-                    part = token_loss_sum(out.logits, b["labels"], b.get("weights"))
-                else:
-                    part, _ = sample_loss_sum(out.logits, b["labels"], b["position_ids"], b.get("weights"))
+                tok = token_losses(b)
+                weights = b.get("weights")
+                part = token_sum(tok, weights) if cfg.loss_norm == "token" else sample_sum(tok, b["labels"], b["position_ids"], weights)[0]
                 engine.backward(part * world / denom, scale_wrt_gas=False)
                 if cfg.zero_stage == 0 and k == len(window) - 1:
                     # DeepSpeed reports no grad norm at stage 0 in fp32; take it before the step clips.
