@@ -215,6 +215,11 @@ def per_token_losses(engine: Any, chunk: int | None) -> Callable[[dict[str, torc
     engine, so ZeRO-3 gathers and releases parameters as it always does.
     """
     module = engine.module
+    transform = _logit_transform(module.config)
+    if chunk is not None and transform:
+        notice(f"train.lm_head_chunk: this model's forward applies {transform} to its logits after the LM head; "
+               "training on full logits instead")
+        chunk = None
     if chunk is None:
         return lambda b: logit_token_losses(_forward(engine, b).logits, b["labels"])
     captured: list[torch.Tensor] = []
@@ -237,6 +242,16 @@ def per_token_losses(engine: Any, chunk: int | None) -> Callable[[dict[str, torc
         return chunked_token_losses(captured.pop(), module.get_output_embeddings(), b["labels"], chunk)
 
     return losses
+
+
+def _logit_transform(config: Any) -> str | None:
+    """What a model's causal-LM forward does to the LM head's output besides returning it (Gemma 2/3 soft-cap the
+    logits, Cohere and Granite scale them), or None: the chunked path computes the plain head only."""
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"{name}={value}"
+    return None
 
 
 def _forward(engine: Any, b: dict[str, torch.Tensor], **kwargs: Any) -> Any:

@@ -155,3 +155,12 @@ def test_training_with_the_chunked_head_or_checkpointing_matches_full_logits(tin
         assert runs[name].losses == pytest.approx(full.losses, abs=1e-5), name
         norms = [h["train/grad_norm"] for h in runs[name].history]
         assert norms == pytest.approx([h["train/grad_norm"] for h in full.history], rel=1e-4), name
+
+
+def test_models_that_transform_their_logits_train_on_full_logits() -> None:
+    from transformers import Gemma2Config, LlamaConfig
+
+    from sft_engine.train import _logit_transform
+
+    assert _logit_transform(LlamaConfig()) is None
+    assert _logit_transform(Gemma2Config(final_logit_softcapping=30.0)) == "final_logit_softcapping=30.0"
