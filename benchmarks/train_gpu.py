@@ -12,7 +12,7 @@ set-up are not timed):
   restart per sample, ``cu_seq_lens`` for varlen kernels), sequential sampler.
 
 Both sides: same micro batch, gradient accumulation, sequence length, precision (bf16 on GPU, fp32 on CPU),
-attention kernel, AdamW(lr 1e-4, betas 0.9/0.95, wd 0), no warmup, cosine to 0.1 x lr, grad clip 1.0,
+attention (each side its best for packed rows: see --attn), AdamW(lr 1e-4, betas 0.9/0.95, wd 0), no warmup, cosine to 0.1 x lr, grad clip 1.0,
 no gradient checkpointing (TRL's default is on; turned off so both do the same work), no eval, no saving.
 
 Step time is the wall time between consecutive step ends (data loading, forward/backward, optimizer and
@@ -85,7 +85,7 @@ def run_ours(spec: dict) -> dict:
     cfg = TrainConfig(
         zero_stage=spec["zero_stage"], precision=spec["precision"], micro_batch_size=spec["micro_batch"],
         grad_accum=spec["grad_accum"], max_steps=spec["steps"], lr=1e-4, warmup_steps=0, min_lr_ratio=0.1,
-        betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, attn_implementation=spec["attn"],
+        betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, attn_implementation=spec["attn_ours"],
         lm_head_chunk=spec["lm_head_chunk"] or None,
     )
     ends: list[float] = []
@@ -124,7 +124,7 @@ def run_trl(spec: dict) -> dict:
     })
     torch.manual_seed(spec["seed"])
     model_dir = Path(spec["model_dir"])
-    model = load_model(model_dir, dtype=torch.float32, attn_implementation=spec["attn"])
+    model = load_model(model_dir, dtype=torch.float32, attn_implementation=spec["attn_trl"])
     model.config.use_cache = False
     tok = load_tokenizer(model_dir)
     on_cpu = spec["device"] == "cpu"
@@ -180,14 +180,16 @@ def build_data(model: str, seq_len: int, work: Path) -> tuple[Path, Path, dict]:
     return resolve_model(cfg.model), prepared / "train.arrow", json.loads((prepared / "manifest.json").read_text())
 
 
-def pick_attn(device: str, requested: str) -> str:
+def pick_attn(device: str, requested: str) -> tuple[str, str]:
+    """(ours, TRL's) attention: the same kernel when one is named; with auto, ours resolves its own default
+    (train.attn_implementation=auto: FlashAttention 2 if installed on a GPU, else sdpa_varlen) and TRL gets
+    transformers' best for packed rows (FlashAttention 2 if installed on a GPU, else sdpa with the packed mask)."""
     if requested != "auto":
-        return requested
-    if device == "cuda":
-        import importlib.util
+        return requested, requested
+    import importlib.util
 
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
-    return "sdpa"
+    flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    return ("auto", "flash_attention_2" if flash else "sdpa")
 
 
 def run_side(side: str, spec_file: Path, device: str) -> dict:
@@ -216,7 +218,8 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 8 GPU, 2 CPU)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2, help="our DeepSpeed ZeRO stage (default 2, as shipped)")
     p.add_argument("--attn", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",
-                   help="auto: flash_attention_2 on GPU if flash-attn is importable, else sdpa")
+                   help="both sides' kernel; auto (default): each side's best for packed rows, ours as shipped "
+                   "(sdpa_varlen, or flash_attention_2 on a GPU with flash-attn), TRL flash_attention_2 or sdpa")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="both sides (default: bf16 on GPU, fp32 on CPU); ours bf16 weights + fp32 master, TRL bf16 autocast")
     p.add_argument("--lm-head-chunk", type=int, default=1024,
@@ -243,7 +246,7 @@ def main() -> None:
     if not 1 <= warmup < steps:
         raise SystemExit("--warmup must be at least 1 and below --steps")
     precision = ("bf16" if device == "cuda" else "fp32") if args.precision == "auto" else args.precision
-    attn = pick_attn(device, args.attn)
+    attn_ours, attn_trl = pick_attn(device, args.attn)
 
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -257,7 +260,7 @@ def main() -> None:
               f"built in {time.perf_counter() - t:.0f}s; model {model_dir}")
         spec = {
             "model_dir": str(model_dir), "data_path": str(data_path), "out": tmp, "device": device, "precision": precision,
-            "attn": attn, "zero_stage": args.zero_stage, "lm_head_chunk": args.lm_head_chunk, "seq_len": seq_len, "steps": steps, "micro_batch": mb, "grad_accum": ga,
+            "attn_ours": attn_ours, "attn_trl": attn_trl, "zero_stage": args.zero_stage, "lm_head_chunk": args.lm_head_chunk, "seq_len": seq_len, "steps": steps, "micro_batch": mb, "grad_accum": ga,
             "seed": args.seed, "order": consumed_rows(n_rows, mb, args.seed, steps * ga),
         }
         spec_file = Path(tmp) / "spec.json"
@@ -286,7 +289,7 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{Path(str(model_dir)).name} on {dev}: seq_len {seq_len}, micro_batch {mb} x grad_accum {ga} = {tokens_per_step} "
-          f"tokens/step, {steps} steps ({warmup} warm-up not timed), {precision}, attn {attn}, ours ZeRO-{args.zero_stage}, "
+          f"tokens/step, {steps} steps ({warmup} warm-up not timed), {precision}, attn ours {attn_ours} / TRL {attn_trl}, ours train.zero_stage={args.zero_stage}, "
           f"lm_head_chunk {args.lm_head_chunk or 'off'}")
     mem = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
     busy = "CPU busy"

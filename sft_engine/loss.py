@@ -51,6 +51,73 @@ def chunked_token_losses(hidden: torch.Tensor, head: torch.nn.Module, labels: to
     return torch.cat(parts).view(shift_labels.shape)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum_t coef_t * CE(hidden_t @ weight.T, label_t)`` with its gradients computed in the forward pass, a chunk of
+    tokens at a time: the loss is a linear form of the token losses, so the only thing the backward pass adds is the
+    scalar upstream gradient. Each chunk's logits serve the loss and both gradients and are then dropped, so the head's
+    forward is computed once (the checkpointed path computes it twice) and no ``[tokens, vocab]`` tensor is held."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, coef, chunk):
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        losses = torch.zeros(labels.numel(), dtype=torch.float32, device=hidden.device)
+        for start in range(0, labels.numel(), chunk):
+            h, y, c = hidden[start : start + chunk], labels[start : start + chunk], coef[start : start + chunk]
+            logits = (h @ weight.T).float()
+            valid = y != IGNORE_INDEX
+            target = y.clamp_min(0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[start : start + chunk] = torch.where(valid, lse - logits.gather(1, target).squeeze(1), 0.0)
+            scale = torch.where(valid, c, 0.0).unsqueeze(1)
+            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_().mul_(scale)  # softmax x coefficient, in place
+            grad_logits.scatter_add_(1, target, -scale)
+            grad_logits = grad_logits.to(weight.dtype)
+            grad_h[start : start + chunk] = grad_logits @ weight
+            if weight.dtype == torch.float32:
+                grad_w.addmm_(grad_logits.T, h)
+            else:
+                grad_w += (grad_logits.T @ h).float()
+        ctx.grads = (grad_h, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(losses)
+        return (losses * coef).sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_sum, _grad_losses):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        return grad_h * grad_sum.to(grad_h.dtype), grad_w * grad_sum.to(grad_w.dtype), None, None, None
+
+
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,
+                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_t coef_t * loss_t, per-token losses)`` over the shifted targets, from the final hidden states and the LM
+    head's weight (no bias), without ever holding ``[tokens, vocab]``; ``coef`` from ``loss_coefficients``."""
+    flat_h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
+    flat_y = labels[:, 1:].reshape(-1).to(hidden.device)
+    total, losses = _LinearCrossEntropy.apply(flat_h, weight, flat_y, coef.reshape(-1).to(hidden.device, torch.float32), chunk_tokens)
+    return total, losses.view(labels.size(0), -1)
+
+
+def loss_coefficients(labels: torch.Tensor, position_ids: torch.Tensor, weights: torch.Tensor | None, norm: str) -> torch.Tensor:
+    """Each shifted target's factor in a micro-batch's loss sum ``[batch, seq - 1]``: its weight (1 without message
+    weights; 0 where ignored), divided for ``norm="sample"`` by its sample's supervised-token count, so that
+    ``(coef * token_losses).sum()`` equals ``token_sum`` or ``sample_sum``."""
+    mask = (labels[:, 1:] != IGNORE_INDEX).float()
+    coef = mask if weights is None else mask * weights[:, 1:].float()
+    if norm == "sample":
+        segment = _segments(labels, position_ids)
+        counts = torch.zeros(int(segment.max()) + 1).index_add(0, segment.reshape(-1), mask.reshape(-1))
+        coef = coef / counts[segment].clamp_min(1.0)
+    return coef
+
+
+def _segments(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Global segment index of each shifted target ``[batch, seq - 1]``: the target at t+1 belongs to the sample of
+    position t+1; samples start where the position ids restart at 0, and rows never share one."""
+    return (position_ids == 0).cumsum(-1)[:, 1:] + torch.arange(labels.size(0)).unsqueeze(1) * labels.size(1)
+
+
 def _weighted(tok: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return tok if weights is None else tok * weights[:, 1:].to(tok.device, tok.dtype)
 
@@ -80,9 +147,7 @@ def segment_sums(tok: torch.Tensor, labels: torch.Tensor, position_ids: torch.Te
     """Per packed sample: the sum of its (weighted) per-token losses and its supervised-token count (samples without
     one omitted). Samples are the segments where ``position_ids`` restarts at 0."""
     shift_labels = labels[:, 1:].to(tok.device)
-    # The target at t+1 belongs to the segment of position t+1.
-    segment = (position_ids == 0).cumsum(-1)[:, 1:] + torch.arange(labels.size(0)).unsqueeze(1) * labels.size(1)
-    segment = segment.reshape(-1).to(tok.device)
+    segment = _segments(labels, position_ids).reshape(-1).to(tok.device)
     mask = (shift_labels.reshape(-1) != IGNORE_INDEX).to(tok.dtype)
     scaled = _weighted(tok, weights).reshape(-1) * mask
     n_seg = int(segment.max()) + 1
@@ -118,6 +183,6 @@ def sample_loss_sum(
 
 def sample_count(labels: torch.Tensor, position_ids: torch.Tensor) -> int:
     """Packed samples that carry at least one supervised target."""
-    segment = (position_ids == 0).cumsum(-1)[:, 1:] + torch.arange(labels.size(0)).unsqueeze(1) * labels.size(1)
+    segment = _segments(labels, position_ids)
     sup = labels[:, 1:] != IGNORE_INDEX
     return int(torch.unique(segment[sup]).numel())

@@ -36,15 +36,15 @@ from sft_engine.config import ConfigError, TrainConfig
 from sft_engine.data import PackedDataset, iter_batches
 from sft_engine.loss import (
     chunked_token_losses,
+    fused_linear_loss,
     logit_token_losses,
+    loss_coefficients,
     sample_count,
-    sample_sum,
     supervised_count,
     token_loss_sum,
-    token_sum,
 )
 from sft_engine.model import load_model, load_tokenizer
-from sft_engine.runtime import notice
+from sft_engine.runtime import bound_heap, notice
 
 COMPLETE = "_COMPLETE"
 
@@ -110,7 +110,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str | None = 
     """The DeepSpeed JSON derived from our training config (never hand-copied), merged with user overrides.
 
     Raises ConfigError if the batch sizes do not satisfy
-    train_batch_size = micro_batch x grad_accum x world_size after the merge.
+    train_batch_size = micro_batch x grad_accum x world_size after the merge. One process runs stages 1-2 as stage 0
+    (nothing to partition) unless it offloads the optimizer or the override JSON sets the stage itself.
     """
     precision = precision or resolve_precision(cfg)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
@@ -135,12 +136,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str | None = 
         ds["zero_force_ds_cpu_optimizer"] = False
     if cfg.grad_clip is not None:
         ds["gradient_clipping"] = cfg.grad_clip
+    overridden_stage = False
     if cfg.deepspeed_overrides:
         path = Path(cfg.deepspeed_overrides)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed_overrides: file '{path}' does not exist")
         try:
-            ds = _merge(ds, json.loads(path.read_text()))
+            over = json.loads(path.read_text())
+            overridden_stage = "stage" in over.get("zero_optimization", {})
+            ds = _merge(ds, over)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"train.deepspeed_overrides: '{path}' is not valid JSON: {exc}") from exc
     mb, ga, tb = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
@@ -152,6 +156,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str | None = 
         )
     if (mb, ga) != (cfg.micro_batch_size, cfg.grad_accum):
         raise ConfigError("the DeepSpeed override JSON may not change batch sizes; set train.micro_batch_size / train.grad_accum")
+    if world_size == 1 and ds["zero_optimization"]["stage"] in (1, 2) and not cfg.offload_optimizer and not overridden_stage:
+        # Stages 1-2 partition optimizer state and gradients across processes; one process keeps them all anyway, and
+        # the stage only adds a flat fp32 copy of the weights and bucket copies of every gradient (0.6 GiB and ~30 % of
+        # a CPU step for a 135M model, docs/benchmarks.md). Same updates at stage 0 (tests/test_train.py).
+        ds["zero_optimization"]["stage"] = 0
     return ds
 
 
@@ -206,22 +215,31 @@ def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids", "weights") else v) for k, v in batch.items()}
 
 
-def per_token_losses(engine: Any, chunk: int | None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """The training forward: a micro-batch's per-token losses ``[batch, seq - 1]``.
+def micro_batch_loss(engine: Any, chunk: int | None, norm: str, zero_stage: int) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The training forward: a micro-batch's loss sum ``sum_t coef_t * loss_t`` (``loss.loss_coefficients``: token
+    weights, and per-sample means for ``norm="sample"``), which the caller divides by the global batch's count.
 
     With ``chunk``, the engine's forward projects no position onto the vocabulary (``logits_to_keep`` of no
     positions, which every transformers causal LM takes); the decoder's output is taken by a hook and the LM head and
-    the loss run ``chunk`` tokens at a time (``loss.chunked_token_losses``). The forward still goes through the
-    engine, so ZeRO-3 gathers and releases parameters as it always does.
+    the loss run ``chunk`` tokens at a time: fused with their gradients (``loss.fused_linear_loss``, the head computed
+    once) below ZeRO-3, and at ZeRO-3, where the head's weight exists only inside its module's forward, through the
+    module under checkpointing (``loss.chunked_token_losses``, the head computed again in the backward pass). The
+    forward still goes through the engine, so ZeRO-3 gathers and releases parameters as it always does.
     """
     module = engine.module
+
+    def coef(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_coefficients(b["labels"], b["position_ids"], b.get("weights"), norm).to(engine.device)
+
     transform = _logit_transform(module.config)
     if chunk is not None and transform:
         notice(f"train.lm_head_chunk: this model's forward applies {transform} to its logits after the LM head; "
                "training on full logits instead")
         chunk = None
     if chunk is None:
-        return lambda b: logit_token_losses(_forward(engine, b).logits, b["labels"])
+        return lambda b: (logit_token_losses(_forward(engine, b).logits, b["labels"]) * coef(b)).sum()
+    head = module.get_output_embeddings()
+    fused = zero_stage < 3 and getattr(head, "bias", None) is None
     captured: list[torch.Tensor] = []
     armed = [False]  # only the training forward's output is kept (not the held-out evaluation's)
 
@@ -232,16 +250,43 @@ def per_token_losses(engine: Any, chunk: int | None) -> Callable[[dict[str, torc
     module.get_decoder().register_forward_hook(keep_hidden)
     nothing = torch.zeros(0, dtype=torch.long)
 
-    def losses(b: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
         captured.clear()
         armed[0] = True
         try:
             _forward(engine, b, logits_to_keep=nothing.to(engine.device))
         finally:
             armed[0] = False
-        return chunked_token_losses(captured.pop(), module.get_output_embeddings(), b["labels"], chunk)
+        hidden = captured.pop()
+        if fused:
+            return fused_linear_loss(hidden, head.weight, b["labels"], coef(b), chunk)[0]
+        return (chunked_token_losses(hidden, head, b["labels"], chunk) * coef(b)).sum()
 
-    return losses
+    return loss
+
+
+def resolve_attention(requested: str, model_dir: Path) -> str:
+    """The attention kernel to load: ``auto`` is FlashAttention 2 on a GPU where flash-attn is installed, else
+    ``sdpa_varlen`` (one causal SDPA per packed sample), else ``sdpa`` for a model whose attention ``sdpa_varlen`` cannot
+    compute (soft-capped scores, sinks)."""
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    from sft_engine.attention import VARLEN, register, unsupported
+
+    if requested == "auto" and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    if requested not in ("auto", VARLEN):
+        return requested
+    why = unsupported(AutoConfig.from_pretrained(model_dir))
+    if why is not None:
+        if requested == VARLEN:
+            raise ConfigError(f"train.attn_implementation={VARLEN} cannot compute this model's attention ({why}); set "
+                              "train.attn_implementation=sdpa or eager")
+        return "sdpa"
+    register()
+    return VARLEN
 
 
 def _logit_transform(config: Any) -> str | None:
@@ -340,13 +385,19 @@ def train(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    bound_heap()
     rank, world = init_distributed()
     precision = resolve_precision(cfg)
     ds_cfg = deepspeed_config(cfg, world, precision)
+    stage = int(ds_cfg["zero_optimization"]["stage"])
+    if stage != cfg.zero_stage and stage == 0 and world == 1 and rank == 0:
+        notice(f"train.zero_stage={cfg.zero_stage}: one process has nothing to partition; training at ZeRO stage {stage} "
+               "(same updates, less memory and copying)")
     _seed_everything(seed)
     ds_data = PackedDataset(data_path)
     steps = total_steps(cfg, len(ds_data), world)
-    model = load_model(model_dir, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    attn = resolve_attention(cfg.attn_implementation, model_dir)
+    model = load_model(model_dir, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     fpt = flops_per_token(model.config, int(ds_data[0]["input_ids"].shape[0]))
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
@@ -359,7 +410,7 @@ def train(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    token_losses = per_token_losses(engine, cfg.lm_head_chunk)
+    micro_loss = micro_batch_loss(engine, cfg.lm_head_chunk, cfg.loss_norm, stage)
 
     start_step, losses, history = 0, [], []
     tokens = supervised_total = 0
@@ -401,13 +452,11 @@ def train(
             loss_sum = 0.0
             grad_norm = None
             for k, b in enumerate(window):
-                if cfg.attn_implementation == "flash_attention_2":
+                if attn == "flash_attention_2":
                     b = flatten_batch(b)
-                tok = token_losses(b)
-                weights = b.get("weights")
-                part = token_sum(tok, weights) if cfg.loss_norm == "token" else sample_sum(tok, b["labels"], b["position_ids"], weights)[0]
+                part = micro_loss(b)
                 engine.backward(part * world / denom, scale_wrt_gas=False)
-                if cfg.zero_stage == 0 and k == len(window) - 1:
+                if stage == 0 and k == len(window) - 1:
                     # DeepSpeed reports no grad norm at stage 0 in fp32; take it before the step clips.
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
                 engine.step()
@@ -439,7 +488,7 @@ def train(
                 metrics["train/mfu"] = step_tokens * fpt / dt / (peak_flops * world)
             if eval_ds is not None and len(eval_ds) and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
                 # One row per forward under FlashAttention (see flatten_batch).
-                eval_mb = 1 if cfg.attn_implementation == "flash_attention_2" else cfg.micro_batch_size
+                eval_mb = 1 if attn == "flash_attention_2" else cfg.micro_batch_size
                 metrics["eval/loss"] = engine_heldout_loss(engine, eval_ds, eval_mb, cfg.eval_max_rows, rank, world)
             history.append({"step": float(step + 1), **metrics})
             if on_step is not None and rank == 0:
@@ -453,7 +502,7 @@ def train(
         if progress is not None:
             progress.stop()
     seconds = time.perf_counter() - started
-    state_dict = _full_state_dict(engine, cfg.zero_stage)
+    state_dict = _full_state_dict(engine, stage)
     if rank == 0:
         save_hf_folder(engine.module, state_dict, model_dir, output_dir)
     torch.distributed.barrier()

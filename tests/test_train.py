@@ -87,12 +87,35 @@ def test_zero3_exports_full_weights(tiny_model: Path, packed: Path, tmp_path: Pa
     assert all(v.numel() > 0 for v in out.values())
 
 
+def test_one_process_runs_stages_1_and_2_as_stage_0_unless_told(tmp_path: Path) -> None:
+    over = tmp_path / "ds.json"
+    over.write_text('{"zero_optimization": {"stage": 2}}')
+    stage = {
+        name: deepspeed_config(cfg, world, "fp32")["zero_optimization"]["stage"]
+        for name, cfg, world in [
+            ("one process", TrainConfig(zero_stage=2), 1), ("stage 1", TrainConfig(zero_stage=1), 1),
+            ("two processes", TrainConfig(zero_stage=2), 2), ("stage 3", TrainConfig(zero_stage=3), 1),
+            ("offloaded optimizer", TrainConfig(zero_stage=2, offload_optimizer=True), 1),
+            ("stage set in the override JSON", TrainConfig(zero_stage=2, deepspeed_overrides=str(over)), 1),
+        ]
+    }
+    assert stage == {"one process": 0, "stage 1": 0, "two processes": 2, "stage 3": 3, "offloaded optimizer": 2,
+                     "stage set in the override JSON": 2}
+
+
 def test_grad_norm_is_reported_at_every_zero_stage(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
-    norms = {}
-    for stage in (0, 2):
-        res = train(tiny_model, packed, tmp_path / f"s{stage}", TrainConfig(zero_stage=stage, max_steps=1, grad_accum=2), seed=0, show_progress=False)
-        norms[stage] = res.history[0]["train/grad_norm"]
+    """Stage 0, and stage 2 kept in one process by the override JSON: the same first step's grad norm, and stage 0
+    (what one process runs for zero_stage 2) gives the same two losses as stage 2."""
+    over = tmp_path / "ds.json"
+    over.write_text('{"zero_optimization": {"stage": 2}}')
+    runs = {
+        stage: train(tiny_model, packed, tmp_path / f"s{stage}", TrainConfig(zero_stage=stage, max_steps=2, grad_accum=2, lr=1e-3,
+                     deepspeed_overrides=str(over) if stage == 2 else None), seed=0, show_progress=False)
+        for stage in (0, 2)
+    }
+    norms = {stage: r.history[0]["train/grad_norm"] for stage, r in runs.items()}
     assert norms[0] == pytest.approx(norms[2], rel=1e-4) and norms[0] > 0
+    assert runs[0].losses == pytest.approx(runs[2].losses, abs=1e-5)
 
 
 def test_periodic_heldout_eval_matches_standalone_evaluation(tiny_model: Path, packed: Path, tmp_path: Path) -> None:
@@ -110,29 +133,46 @@ def test_periodic_heldout_eval_matches_standalone_evaluation(tiny_model: Path, p
 
 
 def test_chunked_lm_head_loss_and_gradients_equal_full_logits(tiny_model: Path, packed: Path) -> None:
-    """On packed rows, every parameter's gradient from the chunked head (chunks of 48 tokens, not dividing a row)
-    equals the full-logits one, for the token sum with weights and for per-sample means."""
+    """On packed rows, every parameter's gradient from the checkpointed chunked head and from the fused head (chunks of
+    48 tokens, not dividing a row) equals the full-logits one, for the token sum with weights plus per-sample means;
+    the coefficients give the same sums as token_sum and sample_sum."""
     from sft_engine.data import PackedDataset, collate
-    from sft_engine.loss import chunked_token_losses, logit_token_losses, sample_sum, token_sum
+    from sft_engine.loss import (
+        chunked_token_losses,
+        fused_linear_loss,
+        logit_token_losses,
+        loss_coefficients,
+        sample_sum,
+        token_sum,
+    )
     from sft_engine.model import load_model
 
     model = load_model(tiny_model)
     batch = collate([PackedDataset(packed)[i] for i in range(3)])
-    weights = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0)) + 0.5
-    results = []
-    for chunk in (None, 48):
+    labels, pos = batch["labels"], batch["position_ids"]
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(0)) + 0.5
+    coef = loss_coefficients(labels, pos, weights, "token") / 1000 + loss_coefficients(labels, pos, None, "sample")
+    results = {}
+    for path in ("full", "checkpointed", "fused"):
         model.zero_grad()
-        if chunk is None:
-            tok = logit_token_losses(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits, batch["labels"])
+        if path == "full":
+            tok = logit_token_losses(model(input_ids=batch["input_ids"], position_ids=pos).logits, labels)
+            loss = token_sum(tok, weights) / 1000 + sample_sum(tok, labels, pos)[0]
+            assert float((tok.detach() * coef).sum()) == pytest.approx(loss.item(), rel=1e-6)
+        elif path == "checkpointed":
+            hidden = model.model(input_ids=batch["input_ids"], position_ids=pos).last_hidden_state
+            loss = (chunked_token_losses(hidden, model.lm_head, labels, 48) * coef).sum()
         else:
-            hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-            tok = chunked_token_losses(hidden, model.lm_head, batch["labels"], chunk)
-        loss = token_sum(tok, weights) / 1000 + sample_sum(tok, batch["labels"], batch["position_ids"])[0]
+            hidden = model.model(input_ids=batch["input_ids"], position_ids=pos).last_hidden_state
+            loss, fused_tok = fused_linear_loss(hidden, model.lm_head.weight, labels, coef, 48)
         loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (full, g_full), (chunked, g_chunked) = results
-    assert chunked == pytest.approx(full, abs=1e-5)
-    assert {n: float((g_full[n] - g_chunked[n]).abs().max()) < 1e-5 for n in g_full} == dict.fromkeys(g_full, True)
+        results[path] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert float((fused_tok - tok.detach()).abs().max()) < 1e-5
+    full, g_full = results["full"]
+    for path in ("checkpointed", "fused"):
+        value, grads = results[path]
+        assert value == pytest.approx(full, abs=1e-5), path
+        assert {n: float((g_full[n] - grads[n]).abs().max()) < 1e-5 for n in g_full} == dict.fromkeys(g_full, True), path
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
