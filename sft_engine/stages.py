@@ -39,6 +39,7 @@ from sft_engine.io import (
     write_json_atomic,
 )
 from sft_engine.model import load_model, load_tokenizer, resolve_model, tokenizer_digest, weights_digest
+from sft_engine.runtime import release_memory
 from sft_engine.template_check import CheckReport, check_template
 from sft_engine.train import TrainResult, deepspeed_config, train
 
@@ -173,10 +174,13 @@ def run_train(cfg: PipelineConfig, prepared: Path, on_step: StepCallback | None 
             for name in ("job.json", "metrics.jsonl", "result.json"):
                 (tmp / name).unlink(missing_ok=True)
         else:
-            result = train(
-                model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step,
-                checkpoint_dir=ckpt_arg, eval_data=prepared / "heldout.arrow",
-            )
+            try:
+                result = train(
+                    model_dir, prepared / "train.arrow", tmp / "model", cfg.train, cfg.seed, on_step=on_step,
+                    checkpoint_dir=ckpt_arg, eval_data=prepared / "heldout.arrow",
+                )
+            finally:
+                release_memory()  # the engine, model and optimizer, so that a sweep's next variant starts from the same footprint
         write_json_atomic(tmp / "stats.json", {
             "steps": result.steps,
             "final_loss": result.losses[-1],
@@ -308,15 +312,19 @@ def score_model(cfg: PipelineConfig, folder: Path, heldout_arrow: Path, prompts:
     it. ``progress`` is called once as each of the ``scoring_steps`` finishes, with its name.
     """
     model, folders = _LazyModel(folder), []
-    for suite in [*configured_suites(cfg.evaluate), None]:
-        started = time.perf_counter()
-        res = score_samples(cfg, folder, prompts, model) if suite is None else score_suite(cfg, suite, folder, heldout_arrow, model)
-        name = "samples" if suite is None else suite.name
-        logging.getLogger("sft_engine").info("scoring %s: %s %s in %.1f s", folder.name, name,
-                                             "reused" if res.reused else "scored", time.perf_counter() - started)
-        if progress is not None:
-            progress(name)
-        folders.append(res.path)
+    try:
+        for suite in [*configured_suites(cfg.evaluate), None]:
+            started = time.perf_counter()
+            res = score_samples(cfg, folder, prompts, model) if suite is None else score_suite(cfg, suite, folder, heldout_arrow, model)
+            name = "samples" if suite is None else suite.name
+            logging.getLogger("sft_engine").info("scoring %s: %s %s in %.1f s", folder.name, name,
+                                                 "reused" if res.reused else "scored", time.perf_counter() - started)
+            if progress is not None:
+                progress(name)
+            folders.append(res.path)
+    finally:
+        model._loaded = None
+        release_memory()
     return folders
 
 
