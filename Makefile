@@ -65,10 +65,11 @@ bench: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/curate_rerun.py
 
 # Training vs TRL's SFTTrainer on the same packed rows: fp32 (the like-for-like check: identical first-step loss),
-# then bf16 on both sides.
+# then bf16 autocast on both sides, then the CPU trials one change at a time.
 bench-train: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/train_gpu.py --device cpu --work-dir /tmp/bench_train
-	$(BENCH)/bin/python benchmarks/train_gpu.py --device cpu --work-dir /tmp/bench_train --precision bf16
+	$(BENCH)/bin/python benchmarks/train_gpu.py --device cpu --work-dir /tmp/bench_train --precision bf16-mixed
+	$(BENCH)/bin/python benchmarks/train_cpu_trials.py --work-dir /tmp/bench_train --ds-adam
 
 DEDUP := .venv-bench-dedup
 $(DEDUP)/.installed: pyproject.toml

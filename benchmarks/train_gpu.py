@@ -132,7 +132,7 @@ def run_trl(spec: dict) -> dict:
         output_dir=str(Path(spec["out"]) / "trl_out"), max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["grad_accum"], learning_rate=1e-4, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
-        max_grad_norm=1.0, optim="adamw_torch", bf16=spec["precision"] == "bf16", fp16=False, use_cpu=on_cpu,
+        max_grad_norm=1.0, optim="adamw_torch", bf16=spec["precision"].startswith("bf16"), fp16=False, use_cpu=on_cpu,
         gradient_checkpointing=False, padding_free=True, packing=False, max_length=None,
         dataset_kwargs={"skip_prepare_dataset": True}, train_sampling_strategy="sequential", report_to=[], logging_steps=1,
         save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=spec["seed"], dataloader_num_workers=0,
@@ -220,8 +220,9 @@ def main() -> None:
     p.add_argument("--attn", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",
                    help="both sides' kernel; auto (default): each side's best for packed rows, ours as shipped "
                    "(sdpa_varlen, or flash_attention_2 on a GPU with flash-attn), TRL flash_attention_2 or sdpa")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="both sides (default: bf16 on GPU, fp32 on CPU); ours bf16 weights + fp32 master, TRL bf16 autocast")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-mixed"], default="auto",
+                   help="default: bf16 on GPU, fp32 on CPU. TRL's bf16 is autocast over fp32 weights; ours: bf16 = bf16 weights + "
+                   "fp32 master, bf16-mixed = autocast over fp32 weights (like for like with TRL)")
     p.add_argument("--lm-head-chunk", type=int, default=1024,
                    help="our train.lm_head_chunk (default 1024, as shipped; 0 = full logits)")
     p.add_argument("--work-dir", help="keep curated/prepared data here (reused across runs); default: a temporary folder")

@@ -58,13 +58,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     forward is computed once (the checkpointed path computes it twice) and no ``[tokens, vocab]`` tensor is held."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, coef, chunk):
+    def forward(ctx, hidden, weight, labels, coef, chunk, compute_dtype):
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         losses = torch.zeros(labels.numel(), dtype=torch.float32, device=hidden.device)
+        w = weight.to(compute_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes here are explicit
+            _LinearCrossEntropy._chunks(hidden, w, labels, coef, chunk, compute_dtype, grad_h, grad_w, losses)
+        ctx.grads = (grad_h, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(losses)
+        return (losses * coef).sum(), losses
+
+    @staticmethod
+    def _chunks(hidden, w, labels, coef, chunk, compute_dtype, grad_h, grad_w, losses) -> None:
         for start in range(0, labels.numel(), chunk):
-            h, y, c = hidden[start : start + chunk], labels[start : start + chunk], coef[start : start + chunk]
-            logits = (h @ weight.T).float()
+            h, y, c = hidden[start : start + chunk].to(compute_dtype), labels[start : start + chunk], coef[start : start + chunk]
+            logits = (h @ w.T).float()
             valid = y != IGNORE_INDEX
             target = y.clamp_min(0).unsqueeze(1)
             lse = torch.logsumexp(logits, dim=-1)
@@ -72,30 +81,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = torch.where(valid, c, 0.0).unsqueeze(1)
             grad_logits = logits.sub_(lse.unsqueeze(1)).exp_().mul_(scale)  # softmax x coefficient, in place
             grad_logits.scatter_add_(1, target, -scale)
-            grad_logits = grad_logits.to(weight.dtype)
-            grad_h[start : start + chunk] = grad_logits @ weight
-            if weight.dtype == torch.float32:
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_h[start : start + chunk] = grad_logits @ w
+            if compute_dtype == torch.float32:
                 grad_w.addmm_(grad_logits.T, h)
             else:
                 grad_w += (grad_logits.T @ h).float()
-        ctx.grads = (grad_h, grad_w.to(weight.dtype))
-        ctx.mark_non_differentiable(losses)
-        return (losses * coef).sum(), losses
 
     @staticmethod
     def backward(ctx, grad_sum, _grad_losses):
         grad_h, grad_w = ctx.grads
         del ctx.grads
-        return grad_h * grad_sum.to(grad_h.dtype), grad_w * grad_sum.to(grad_w.dtype), None, None, None
+        return grad_h * grad_sum.to(grad_h.dtype), grad_w * grad_sum.to(grad_w.dtype), None, None, None, None
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,
-                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_tokens: int, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_t coef_t * loss_t, per-token losses)`` over the shifted targets, from the final hidden states and the LM
-    head's weight (no bias), without ever holding ``[tokens, vocab]``; ``coef`` from ``loss_coefficients``."""
+    head's weight (no bias), without ever holding ``[tokens, vocab]``; ``coef`` from ``loss_coefficients``. The head's
+    matmuls run in ``compute_dtype`` (default: the weight's; bf16 under mixed precision), softmax and loss in fp32,
+    the weight's gradient accumulated in fp32."""
     flat_h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     flat_y = labels[:, 1:].reshape(-1).to(hidden.device)
-    total, losses = _LinearCrossEntropy.apply(flat_h, weight, flat_y, coef.reshape(-1).to(hidden.device, torch.float32), chunk_tokens)
+    total, losses = _LinearCrossEntropy.apply(flat_h, weight, flat_y, coef.reshape(-1).to(hidden.device, torch.float32), chunk_tokens,
+                                              compute_dtype or weight.dtype)
     return total, losses.view(labels.size(0), -1)
 
 

@@ -215,7 +215,8 @@ def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids", "weights") else v) for k, v in batch.items()}
 
 
-def micro_batch_loss(engine: Any, chunk: int | None, norm: str, zero_stage: int) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+def micro_batch_loss(engine: Any, chunk: int | None, norm: str, zero_stage: int,
+                     autocast: torch.dtype | None = None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """The training forward: a micro-batch's loss sum ``sum_t coef_t * loss_t`` (``loss.loss_coefficients``: token
     weights, and per-sample means for ``norm="sample"``), which the caller divides by the global batch's count.
 
@@ -224,9 +225,13 @@ def micro_batch_loss(engine: Any, chunk: int | None, norm: str, zero_stage: int)
     the loss run ``chunk`` tokens at a time: fused with their gradients (``loss.fused_linear_loss``, the head computed
     once) below ZeRO-3, and at ZeRO-3, where the head's weight exists only inside its module's forward, through the
     module under checkpointing (``loss.chunked_token_losses``, the head computed again in the backward pass). The
-    forward still goes through the engine, so ZeRO-3 gathers and releases parameters as it always does.
+    forward still goes through the engine, so ZeRO-3 gathers and releases parameters as it always does. With
+    ``autocast`` (``train.precision=bf16-mixed``) the forward, the head and their backward run their matmuls in that dtype.
     """
     module = engine.module
+
+    def mixed() -> Any:
+        return torch.autocast(engine.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
 
     def coef(b: dict[str, torch.Tensor]) -> torch.Tensor:
         return loss_coefficients(b["labels"], b["position_ids"], b.get("weights"), norm).to(engine.device)
@@ -237,7 +242,13 @@ def micro_batch_loss(engine: Any, chunk: int | None, norm: str, zero_stage: int)
                "training on full logits instead")
         chunk = None
     if chunk is None:
-        return lambda b: (logit_token_losses(_forward(engine, b).logits, b["labels"]) * coef(b)).sum()
+
+        def full(b: dict[str, torch.Tensor]) -> torch.Tensor:
+            with mixed():
+                logits = _forward(engine, b).logits
+            return (logit_token_losses(logits, b["labels"]) * coef(b)).sum()
+
+        return full
     head = module.get_output_embeddings()
     fused = zero_stage < 3 and getattr(head, "bias", None) is None
     captured: list[torch.Tensor] = []
@@ -254,13 +265,15 @@ def micro_batch_loss(engine: Any, chunk: int | None, norm: str, zero_stage: int)
         captured.clear()
         armed[0] = True
         try:
-            _forward(engine, b, logits_to_keep=nothing.to(engine.device))
+            with mixed():
+                _forward(engine, b, logits_to_keep=nothing.to(engine.device))
         finally:
             armed[0] = False
         hidden = captured.pop()
         if fused:
-            return fused_linear_loss(hidden, head.weight, b["labels"], coef(b), chunk)[0]
-        return (chunked_token_losses(hidden, head, b["labels"], chunk) * coef(b)).sum()
+            return fused_linear_loss(hidden, head.weight, b["labels"], coef(b), chunk, autocast)[0]
+        with mixed():
+            return (chunked_token_losses(hidden, head, b["labels"], chunk) * coef(b)).sum()
 
     return loss
 
@@ -410,7 +423,8 @@ def train(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    micro_loss = micro_batch_loss(engine, cfg.lm_head_chunk, cfg.loss_norm, stage)
+    autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+    micro_loss = micro_batch_loss(engine, cfg.lm_head_chunk, cfg.loss_norm, stage, autocast)
 
     start_step, losses, history = 0, [], []
     tokens = supervised_total = 0
@@ -489,7 +503,8 @@ def train(
             if eval_ds is not None and len(eval_ds) and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
                 # One row per forward under FlashAttention (see flatten_batch).
                 eval_mb = 1 if attn == "flash_attention_2" else cfg.micro_batch_size
-                metrics["eval/loss"] = engine_heldout_loss(engine, eval_ds, eval_mb, cfg.eval_max_rows, rank, world)
+                with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=autocast is not None):
+                    metrics["eval/loss"] = engine_heldout_loss(engine, eval_ds, eval_mb, cfg.eval_max_rows, rank, world)
             history.append({"step": float(step + 1), **metrics})
             if on_step is not None and rank == 0:
                 on_step(step + 1, metrics)

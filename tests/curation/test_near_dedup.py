@@ -155,6 +155,21 @@ def test_words_split_at_unicode_non_alphanumerics_and_hash_by_all_their_bytes() 
     assert sorted(again[1:].tolist()) == sorted(sh[off[5] :].tolist())
 
 
+def test_non_ascii_words_are_the_regex_class_letters_and_digits_in_every_script() -> None:
+    """Words found from the decoded code points equal what Polars' regex ``[\\p{L}\\p{N}]+`` extracts: 2-, 3- and 4-byte
+    characters, combining marks and other-script digits and punctuation, letters next to emoji."""
+    from sft_engine.curation.near_dedup import word_hashes
+
+    rng = random.Random(11)
+    alphabet = list("ab Z9 .") + list("éß—“…\u00a0\u0301٣٫日本語。한국어ΣЖ½²Ⅻ🙂𝔘𐐀\U00020000ـ\u200d\u3000ﬁ")
+    texts = pl.Series(["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(500)])
+    hashes, offsets = word_hashes(texts)
+    words = texts.str.to_lowercase().str.extract_all(r"[\p{L}\p{N}]+").list.join(" ")
+    ref_hashes, ref_offsets = word_hashes(words, split="space")
+    assert offsets.tolist() == ref_offsets.tolist()
+    assert hashes.tolist() == ref_hashes.tolist()
+
+
 def test_shingles_match_the_word_ngrams_of_a_plain_python_tokenizer() -> None:
     import re
 
