@@ -414,7 +414,9 @@ def train(
     model.config.use_cache = False
     fpt = flops_per_token(model.config, int(ds_data[0]["input_ids"].shape[0]))
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if torch.cuda.is_available() and k in torch.cuda.get_device_name()), None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # torch's fused AdamW: one kernel over all tensors, 6.8x the CPU default's for-loop on SmolLM2-135M (0.077 vs 0.525 s
+    # a step, weights within 1.2e-7), ahead of DeepSpeedCPUAdam (0.125 s, and 95 s of compiling on first use).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.min_lr_ratio))
     if cfg.gradient_checkpointing:
         # Non-reentrant: the packed rows' position ids and the chunked head's own checkpoints nest inside it.
