@@ -12,14 +12,15 @@ set-up are not timed):
   restart per sample, ``cu_seq_lens`` for varlen kernels), sequential sampler.
 
 Both sides: same micro batch, gradient accumulation, sequence length, precision (bf16 on GPU, fp32 on CPU),
-attention (each side its best for packed rows: see --attn), AdamW(lr 1e-4, betas 0.9/0.95, wd 0), no warmup, cosine to 0.1 x lr, grad clip 1.0,
+attention (each side its best for packed rows: see --attn), AdamW(lr 1e-4, betas 0.9/0.95, wd 0; torch's fused kernel on
+both sides: TRL's default optim with torch >= 2.8, ours always), no warmup, cosine to 0.1 x lr, grad clip 1.0,
 no gradient checkpointing (TRL's default is on; turned off so both do the same work), no eval, no saving.
 
 Step time is the wall time between consecutive step ends (data loading, forward/backward, optimizer and
 per-step logging all count); the first ``--warmup`` steps are left out. Tokens per step =
 micro_batch x grad_accum x seq_len (packed rows, pad slots included, on both sides).
 
-    python benchmarks/train_gpu.py --device cpu                          # small CPU run (seq 1024, 4 steps)
+    python benchmarks/train_gpu.py --device cpu                          # small CPU run (seq 1024, 6 steps)
     python benchmarks/train_gpu.py --model /path/to/hf_folder            # GPU: a local 0.5-1B HF folder
 """
 
@@ -39,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 DEFAULTS = {  # per device: seq_len, steps, warmup, micro_batch, grad_accum
-    "cpu": {"seq_len": 1024, "steps": 4, "warmup": 1, "micro_batch": 1, "grad_accum": 2},
+    "cpu": {"seq_len": 1024, "steps": 6, "warmup": 1, "micro_batch": 1, "grad_accum": 2},
     "cuda": {"seq_len": 2048, "steps": 20, "warmup": 5, "micro_batch": 1, "grad_accum": 8},
 }
 
@@ -132,7 +133,7 @@ def run_trl(spec: dict) -> dict:
         output_dir=str(Path(spec["out"]) / "trl_out"), max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["grad_accum"], learning_rate=1e-4, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
-        max_grad_norm=1.0, optim="adamw_torch", bf16=spec["precision"].startswith("bf16"), fp16=False, use_cpu=on_cpu,
+        max_grad_norm=1.0, optim="adamw_torch_fused", bf16=spec["precision"].startswith("bf16"), fp16=False, use_cpu=on_cpu,
         gradient_checkpointing=False, padding_free=True, packing=False, max_length=None,
         dataset_kwargs={"skip_prepare_dataset": True}, train_sampling_strategy="sequential", report_to=[], logging_steps=1,
         save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=spec["seed"], dataloader_num_workers=0,

@@ -100,11 +100,18 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     """``(sum_t coef_t * loss_t, per-token losses)`` over the shifted targets, from the final hidden states and the LM
     head's weight (no bias), without ever holding ``[tokens, vocab]``; ``coef`` from ``loss_coefficients``. The head's
     matmuls run in ``compute_dtype`` (default: the weight's; bf16 under mixed precision), softmax and loss in fp32,
-    the weight's gradient accumulated in fp32."""
+    the weight's gradient accumulated in fp32.
+
+    Only the positions with a target go through the head: an ignored label has no loss and no gradient, so its logits
+    are never needed (a third of the demo's positions are supervised; full-logits trainers project them all).
+    """
     flat_h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     flat_y = labels[:, 1:].reshape(-1).to(hidden.device)
-    total, losses = _LinearCrossEntropy.apply(flat_h, weight, flat_y, coef.reshape(-1).to(hidden.device, torch.float32), chunk_tokens,
+    sel = torch.nonzero(flat_y != IGNORE_INDEX).squeeze(1)
+    total, picked = _LinearCrossEntropy.apply(flat_h.index_select(0, sel), weight, flat_y[sel],
+                                              coef.reshape(-1).to(hidden.device, torch.float32)[sel], chunk_tokens,
                                               compute_dtype or weight.dtype)
+    losses = torch.zeros(flat_y.numel(), dtype=picked.dtype, device=picked.device).index_copy_(0, sel, picked)
     return total, losses.view(labels.size(0), -1)
 
 
