@@ -102,18 +102,17 @@ def _mark_non_ascii_alnum(data: np.ndarray, is_word: np.ndarray) -> None:
     lead = np.flatnonzero(data >= 0xC0)
     if not len(lead):
         return
-    padded = np.concatenate([data, np.zeros(3, dtype=np.uint8)]).astype(np.uint32)
-    b0 = padded[lead]
+    last = len(data) - 1
+    b0 = data[lead].astype(np.uint32)
     width = 2 + (b0 >= 0xE0) + (b0 >= 0xF0)
-    cont = [padded[lead + k] & 0x3F for k in (1, 2, 3)]
-    cp = np.where(width == 2, ((b0 & 0x1F) << 6) | cont[0],
-                  np.where(width == 3, ((b0 & 0x0F) << 12) | (cont[0] << 6) | cont[1],
-                           ((b0 & 0x07) << 18) | (cont[0] << 12) | (cont[1] << 6) | cont[2]))
+    c1, c2, c3 = (data[np.minimum(lead + k, last)].astype(np.uint32) & 0x3F for k in (1, 2, 3))
+    cp = np.where(width == 2, ((b0 & 0x1F) << 6) | c1,
+                  np.where(width == 3, ((b0 & 0x0F) << 12) | (c1 << 6) | c2, ((b0 & 0x07) << 18) | (c1 << 12) | (c2 << 6) | c3))
     alnum = _alnum_table()[cp]
-    # Continuation bytes (10xxxxxx) take their character's class: that of the nearest lead byte before them.
-    tail = np.flatnonzero((data & 0xC0) == 0x80)
     is_word[lead] = alnum
-    is_word[tail] = alnum[np.searchsorted(lead, tail, side="right") - 1]
+    for k in (1, 2, 3):  # the continuation bytes of each character take its class
+        more = width > k
+        is_word[lead[more] + k] = alnum[more]
 
 
 def _words(texts: pl.Series, split: str = "non_alnum") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
