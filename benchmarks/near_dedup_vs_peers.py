@@ -59,6 +59,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _conversations import build_conversations, words_alnum, words_space  # sibling module, like _measure
+from _conversations import truth as conv_truth
+
 THRESHOLD = 0.8
 NGRAM = 5
 NUM_PERM = 128
@@ -208,7 +211,10 @@ def build(args: argparse.Namespace) -> None:
 
     folder = Path(args.folder)
     t = time.perf_counter()
-    texts, kinds, groups, edits = build_corpus(args.n, args.seed)
+    if args.corpus == "conversations":
+        texts, kinds, groups, edits, scripts = build_conversations(args.n, args.seed)
+    else:
+        texts, kinds, groups, edits = build_corpus(args.n, args.seed)
     gen_s = time.perf_counter() - t
     pl.DataFrame({"text": texts}).write_parquet(folder / "docs.parquet")
     (folder / "dt_in").mkdir()
@@ -217,6 +223,9 @@ def build(args: argparse.Namespace) -> None:
         with open(folder / "dt_in" / f"{shard:05d}.jsonl", "wb") as f:
             f.writelines(orjson.dumps({"id": str(i), "text": texts[i]}) + b"\n" for i in range(a, b))
 
+    if args.corpus == "conversations":
+        _write_conversation_truth(folder, texts, kinds, edits, scripts, gen_s)
+        return
     # ground truth: every pair inside each planted group, plain Python sets of 5-gram tuples
     t = time.perf_counter()
     members: dict[int, list[int]] = {}
@@ -262,6 +271,35 @@ def build(args: argparse.Namespace) -> None:
     }))
 
 
+def _write_conversation_truth(folder: Path, texts: list[str], kinds, edits, scripts, gen_s: float) -> None:
+    """Exact all-pairs ground truth under the letters/digits tokenizer (ours, datasketch and rensa use it) and under
+    whitespace tokens; the same truth.npz keys as the synthetic corpus, plus the whitespace truth."""
+    import numpy as np
+    import polars as pl
+
+    from sft_engine.curation.near_dedup import exact_jaccard, shingle_hashes
+
+    t = time.perf_counter()
+    same = conv_truth(texts, words_alnum, NGRAM, THRESHOLD)
+    space = conv_truth(texts, words_space, NGRAM, THRESHOLD)
+    truth_s = time.perf_counter() - t
+    sh, off = shingle_hashes(pl.Series(texts), NGRAM)
+    ours_sims = exact_jaccard(sh, off, same["pairs"])
+    np.savez(folder / "truth.npz", flagged=same["flagged"], best=same["best"], kinds=kinds, edits=edits,
+             flagged_ws=space["flagged"], best_ws=space["best"])
+    s = pl.Series(texts)
+    print("BUILD " + json.dumps({
+        "gen_s": gen_s, "truth_s": truth_s, "docs": len(texts), "words_mean": float(np.diff(off).mean() + NGRAM - 1),
+        "kinds": {KINDS[k]: int(c) for k, c in zip(*np.unique(kinds, return_counts=True))},
+        "scripts": {str(k): int(c) for k, c in zip(*np.unique(scripts, return_counts=True))},
+        "non_ascii_docs": float((s.str.len_bytes() != s.str.len_chars()).mean()),
+        "group_pairs": len(same["pairs"]), "true_pairs": len(same["pairs"]), "true_dup_docs": int(same["flagged"].sum()),
+        "true_dup_docs_ws": int(space["flagged"].sum()), "true_dup_unplanted": int((same["flagged"] & (kinds == 0)).sum()),
+        "ours_exact_jaccard_disagree": int((np.abs(ours_sims - same["sims"]) > 1e-9).sum()),
+        "ours_flip": int((ours_sims < THRESHOLD).sum()), "ours_flip_whitespace": 0,
+    }))
+
+
 # ---- the four methods (each in its own subprocess) --------------------------------------------------------------
 
 
@@ -298,7 +336,7 @@ def _profile_ours(texts) -> dict:
 
     import numpy as np
 
-    from sft_engine import near_dedup as nd
+    from sft_engine.curation import near_dedup as nd
 
     stages = dict.fromkeys(["shingle_hashes", "minhash_signatures", "band_keys"], 0.0)
     keys = []
@@ -471,7 +509,11 @@ def _score(folder: Path, side: str, truth) -> dict:
     out["recall_by_j"] = {k: (int((flags & true & (best >= a) & (best < b)).sum()), int((true & (best >= a) & (best < b)).sum()))
                           for k, (a, b) in bins.items()}
     fp = flags & ~true
-    out["fp_near_miss"] = int((fp & (best > 0)).sum())  # planted copies below the threshold
+    out["fp_near_miss"] = int((fp & (best > 0)).sum())  # planted copies (or, on conversations, any pair) below the threshold
+    if "flagged_ws" in truth:
+        ws = truth["flagged_ws"]
+        tp_ws = int((flags & ws).sum())
+        out.update(precision_ws=tp_ws / max(int(flags.sum()), 1), recall_ws=tp_ws / max(int(ws.sum()), 1))
     return out
 
 
@@ -479,6 +521,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000, help="documents")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", choices=["synthetic", "conversations"], default="synthetic",
+                   help="synthetic: generated words, planted copies (the default, the recorded figures); conversations: "
+                        "real chats, 38 %% in non-Latin scripts, exact all-pairs ground truth (benchmarks/_conversations.py)")
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     p.add_argument("--profile", action="store_true", help="also print a stage breakdown + cProfile of ours")
     p.add_argument("--repeat", type=int, default=1, help="runs per side, interleaved; the median is reported (datatrove runs once)")
@@ -499,7 +544,8 @@ def main() -> None:
     sides = [s for s in args.sides.split(",") if s]
     with tempfile.TemporaryDirectory(prefix="near_dedup_bench_") as tmp:
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--side", "build", "--folder", tmp, "--n", str(args.n), "--seed", str(args.seed)],
+        out = subprocess.run([sys.executable, __file__, "--side", "build", "--folder", tmp, "--n", str(args.n), "--seed", str(args.seed),
+                              "--corpus", args.corpus],
                              check=True, capture_output=True, text=True).stdout
         b = json.loads(next(ln for ln in out.splitlines() if ln.startswith("BUILD "))[6:])
         build_s = time.perf_counter() - t
@@ -528,12 +574,20 @@ def main() -> None:
             results[side]["all_seconds"] = [r["seconds"] for r in ok]
 
     n = args.n
-    print(f"{n} docs (~{b['words_mean']:.0f} words; built in {build_s:.1f} s, not timed): planted {b['kinds']}; "
-          f"ground truth (plain Python sets of word 5-gram tuples, J >= {THRESHOLD}): {b['true_pairs']} true pairs of "
-          f"{b['group_pairs']} planted-group pairs, {b['true_dup_docs']} true duplicate docs")
-    print(f"cross-check, our exact_jaccard on the same pairs: {b['ours_exact_jaccard_disagree']} pairs disagree "
-          f"of {b['group_pairs']}; {b['ours_flip']} true pairs fall below {THRESHOLD} with our tokenizer, "
-          f"{b['ours_flip_whitespace']} of them involve a 'whitespace' copy)")
+    if args.corpus == "conversations":
+        print(f"{n} real-conversation docs (~{b['words_mean']:.0f} words; built in {build_s:.1f} s, not timed): scripts "
+              f"{b['scripts']}, {100 * b['non_ascii_docs']:.1f} % with non-ASCII characters; planted {b['kinds']}; ground "
+              f"truth (exact all-pairs, word 5-gram sets, J >= {THRESHOLD}): {b['true_dup_docs']} duplicate docs with the "
+              f"letters/digits tokenizer ({b['true_dup_unplanted']} of them not planted), {b['true_dup_docs_ws']} with "
+              f"whitespace tokens; our exact_jaccard disagrees on {b['ours_exact_jaccard_disagree']} of {b['true_pairs']} "
+              f"true pairs, {b['ours_flip']} fall below {THRESHOLD}")
+    else:
+        print(f"{n} docs (~{b['words_mean']:.0f} words; built in {build_s:.1f} s, not timed): planted {b['kinds']}; "
+              f"ground truth (plain Python sets of word 5-gram tuples, J >= {THRESHOLD}): {b['true_pairs']} true pairs of "
+              f"{b['group_pairs']} planted-group pairs, {b['true_dup_docs']} true duplicate docs")
+        print(f"cross-check, our exact_jaccard on the same pairs: {b['ours_exact_jaccard_disagree']} pairs disagree "
+              f"of {b['group_pairs']}; {b['ours_flip']} true pairs fall below {THRESHOLD} with our tokenizer, "
+              f"{b['ours_flip_whitespace']} of them involve a 'whitespace' copy)")
     print(f"load average {load_before:.2f} before the sides, {load_after:.2f} after; datatrove runs 2 workers, ours_2threads 2 threads, "
           f"the others one thread; {args.repeat} interleaved run(s) per side (datatrove once), median shown")
     print(f"{'method':13} {'seconds':>8} {'docs/s':>9} {'ours/peer':>9} {'CPU s':>7} {'flagged':>8} {'precision':>9} {'recall':>7} "
@@ -554,6 +608,9 @@ def main() -> None:
             kinds = " ".join(f"{k} {a}/{t}" for k, (a, t) in r["recall_by_kind"].items())
             js = " ".join(f"J{k} {a}/{t}" for k, (a, t) in r["recall_by_j"].items())
             print(f"  {side:13} {kinds} | {js} | FP {r['flagged'] - r['tp']} (near-miss {r['fp_near_miss']})")
+    if args.corpus == "conversations":
+        print("precision / recall against the whitespace-token ground truth: " + "; ".join(
+            f"{side} {r['precision_ws']:.4f} / {r['recall_ws']:.4f}" for side, r in results.items() if not r.get("failed")))
     if args.repeat > 1:
         print("every timed run (s): " + "; ".join(f"{side} " + ", ".join(f"{x:.2f}" for x in r["all_seconds"])
                                               for side, r in results.items() if not r.get("failed")))

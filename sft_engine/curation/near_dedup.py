@@ -102,17 +102,22 @@ def _mark_non_ascii_alnum(data: np.ndarray, is_word: np.ndarray) -> None:
     lead = np.flatnonzero(data >= 0xC0)
     if not len(lead):
         return
-    last = len(data) - 1
-    b0 = data[lead].astype(np.uint32)
-    width = 2 + (b0 >= 0xE0) + (b0 >= 0xF0)
-    c1, c2, c3 = (data[np.minimum(lead + k, last)].astype(np.uint32) & 0x3F for k in (1, 2, 3))
-    cp = np.where(width == 2, ((b0 & 0x1F) << 6) | c1,
-                  np.where(width == 3, ((b0 & 0x0F) << 12) | (c1 << 6) | c2, ((b0 & 0x07) << 18) | (c1 << 12) | (c2 << 6) | c3))
+    # The 4 bytes from each lead on as one little-endian uint32 (an unaligned view: one gather per character).
+    padded = np.concatenate([data, np.zeros(3, dtype=np.uint8)])
+    w = np.ndarray(shape=(len(data),), dtype="<u4", buffer=padded, strides=(1,))[lead]
+    b0 = w & 0xFF
+    c1, c2, c3 = (w >> 8) & 0x3F, (w >> 16) & 0x3F, (w >> 24) & 0x3F
+    three, four = b0 >= 0xE0, b0 >= 0xF0
+    cp = np.where(three, ((b0 & 0x0F) << 12) | (c1 << 6) | c2, ((b0 & 0x1F) << 6) | c1)
+    if four.any():
+        cp[four] = ((b0[four] & 0x07) << 18) | (c1[four] << 12) | (c2[four] << 6) | c3[four]
     alnum = _alnum_table()[cp]
+    # The lead and its continuation bytes take the character's class.
     is_word[lead] = alnum
-    for k in (1, 2, 3):  # the continuation bytes of each character take its class
-        more = width > k
-        is_word[lead[more] + k] = alnum[more]
+    is_word[lead + 1] = alnum
+    is_word[lead[three] + 2] = alnum[three]
+    if four.any():
+        is_word[lead[four] + 3] = alnum[four]
 
 
 def _words(texts: pl.Series, split: str = "non_alnum") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -243,6 +248,25 @@ def _probe(bins: np.ndarray, attempt: int, bits: int, seed: int) -> np.ndarray:
         return (_mix(x ^ _seed_key(seed, 3)) >> np.uint64(64 - bits)).astype(np.int64)
 
 
+@functools.cache
+def _first_probe(bits: int, seed: int) -> np.ndarray:
+    """``table[j, b]``: the first attempt at which empty bin ``j``'s probe sequence lands on bin ``b`` (``_MAX_PROBES``
+    + 1 if it never does within ``_MAX_PROBES``), as int16. The first filled bin along ``j``'s sequence is then the
+    filled ``b`` with the smallest entry: densification without walking the sequence (64 KB for 128 bins)."""
+    size = 1 << bits
+    never = _MAX_PROBES + 1
+    table = np.full((size, size), never, dtype=np.int16)
+    bins = np.arange(size)
+    for attempt in range(_MAX_PROBES, 0, -1):  # backwards, so the earliest attempt writes last
+        table[bins, _probe(bins, attempt, bits, seed)] = attempt
+    return table
+
+
+# Densification walks every empty bin's probe sequence this many steps, then looks the rest up in ``_first_probe``:
+# documents with few shingles would otherwise take hundreds of steps.
+_WALK = 12
+
+
 def minhash_signatures(shingles: np.ndarray, offsets: np.ndarray, num_perm: int = 128, seed: int = 0) -> np.ndarray:
     """(n_docs, num_perm) uint32 sketches: one-permutation hashing with optimal densification.
 
@@ -253,25 +277,48 @@ def minhash_signatures(shingles: np.ndarray, offsets: np.ndarray, num_perm: int 
     n_docs = len(offsets) - 1
     bits = num_perm.bit_length() - 1
     h = _mix(shingles ^ _seed_key(seed, 2))
-    keys = np.repeat(np.arange(n_docs, dtype=np.int64) * num_perm, np.diff(offsets)) + (h >> np.uint64(64 - bits)).astype(np.int64)
+    # Bin-major (num_perm, n_docs): a step of every bin's probe sequence is then a gather of whole rows.
+    keys = (h >> np.uint64(64 - bits)).astype(np.int64) * n_docs + np.repeat(np.arange(n_docs, dtype=np.int64), np.diff(offsets))
     # Low 32 bits as the value (independent of the bin bits); 0xFFFFFFFF is reserved for "empty".
     values = np.minimum((h & np.uint64(0xFFFFFFFF)).astype(np.uint32), _EMPTY - np.uint32(1))
     del h
-    sig = np.full(n_docs * num_perm, _EMPTY, dtype=np.uint32)
+    sig = np.full(num_perm * n_docs, _EMPTY, dtype=np.uint32)
     np.minimum.at(sig, keys, values)
-    sig = sig.reshape(n_docs, num_perm)
+    sig = sig.reshape(num_perm, n_docs)
     filled = sig != _EMPTY
     # Optimal densification: every empty bin of a non-empty sketch walks its probe sequence until it
-    # lands on a bin that was filled by a shingle, and copies that bin's value.
-    doc, empty_bin = np.nonzero(~filled & filled.any(axis=1)[:, None])
+    # lands on a bin that was filled by a shingle, and copies that bin's value. The first steps run on
+    # whole rows (cheap while most bins are filled), the rest is looked up in _first_probe.
+    need = ~filled & filled.any(axis=0)[None, :]
     out = sig.copy()
-    for attempt in range(1, _MAX_PROBES + 1):
-        if not len(doc):
+    every_bin = np.arange(num_perm)
+    for attempt in range(1, _WALK + 1):
+        src = _probe(every_bin, attempt, bits, seed)
+        hit = need & filled[src]
+        np.copyto(out, sig[src], where=hit)
+        need &= ~hit
+        if attempt % 2 == 0 and not need.any():
             break
-        src = _probe(empty_bin, attempt, bits, seed)
-        hit = filled[doc, src]
-        out[doc[hit], empty_bin[hit]] = sig[doc[hit], src[hit]]
-        doc, empty_bin = doc[~hit], empty_bin[~hit]
+    out = np.ascontiguousarray(out.T)
+    sig, filled, need = sig.T, filled.T, need.T
+    doc, empty_bin = np.nonzero(need)
+    if len(doc):
+        # What the walk would reach, without walking: for each remaining (doc, bin), the filled bin of that doc that
+        # comes first along the bin's sequence. One entry per remaining bin x filled bin of its doc (a few hundred
+        # per document at most after the walk: docs with many filled bins have almost none left).
+        fdoc, fbin = np.nonzero(filled)
+        count = np.bincount(fdoc, minlength=n_docs)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        reps = count[doc]
+        pair = np.repeat(np.arange(len(doc)), reps)
+        within = np.arange(len(pair)) - np.repeat(np.cumsum(reps) - reps, reps)
+        b = fbin[start[doc][pair] + within]
+        # Attempts are distinct per bin (each step lands on one bin), so (attempt, bin) packed in one int32 has one minimum.
+        packed = _first_probe(bits, seed)[empty_bin[pair], b].astype(np.int32) << 16 | b.astype(np.int32)
+        best = np.minimum.reduceat(packed, np.cumsum(reps) - reps)
+        src, ok = best & 0xFFFF, (best >> 16) <= _MAX_PROBES
+        out[doc[ok], empty_bin[ok]] = sig[doc[ok], src[ok]]
+        doc, empty_bin = doc[~ok], empty_bin[~ok]
     for d, j in zip(doc.tolist(), empty_bin.tolist()):  # never seen in practice: the next filled bin to the right
         out[d, j] = sig[d, (j + int(np.roll(filled[d], -j).argmax())) % num_perm]
     return out
