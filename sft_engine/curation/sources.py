@@ -3,7 +3,7 @@ format and repaired, a row that cannot be kept carrying its drop reason instead 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,12 +34,15 @@ def _records(source: SourceConfig, max_row_bytes: int, seed: int) -> Iterable[Re
     return (rec for path in source_files(source) for rec in iter_records(path, max_row_bytes))
 
 
-def read_source(source: SourceConfig, cfg: CurateConfig, seed: int = 0) -> pl.DataFrame:
-    """Every row of one source in the ``schema.READ`` layout: canonical rows, repaired, or a drop reason with a
-    detail and a raw preview."""
+def read_source_batches(source: SourceConfig, cfg: CurateConfig, seed: int = 0, batch_rows: int | None = None) -> Iterator[pl.DataFrame]:
+    """Every row of one source in the ``schema.READ`` layout, ``batch_rows`` rows at a time (all at once when None):
+    canonical rows, repaired, or a drop reason with a detail and a raw preview. Rows are numbered from 1 across the
+    batches. A caller holding one batch at a time holds a batch's Python objects, not the source's."""
     records: list[dict[str, Any]] = []
+    n = 0
     for rec in _records(source, cfg.max_row_bytes, seed):
-        row: dict[str, Any] = {"source": source.name, "row": len(records) + 1}
+        n += 1
+        row: dict[str, Any] = {"source": source.name, "row": n}
         reason, detail = rec.reason, rec.detail
         if reason is None:
             try:
@@ -53,6 +56,15 @@ def read_source(source: SourceConfig, cfg: CurateConfig, seed: int = 0) -> pl.Da
             raw = rec.preview or orjson.dumps(rec.obj, default=str)[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
             row.update(drop_reason=reason, drop_detail=detail, raw=raw or None)
         records.append(row)
-        if source.limit is not None and len(records) >= source.limit:
+        if source.limit is not None and n >= source.limit:
             break
-    return rows_frame(records, READ)
+        if batch_rows is not None and len(records) >= batch_rows:
+            yield rows_frame(records, READ)
+            records = []
+    if records or n == 0:
+        yield rows_frame(records, READ)
+
+
+def read_source(source: SourceConfig, cfg: CurateConfig, seed: int = 0) -> pl.DataFrame:
+    """Every row of one source in the ``schema.READ`` layout (``read_source_batches`` in one frame)."""
+    return next(read_source_batches(source, cfg, seed))

@@ -19,7 +19,7 @@ import glob
 import html
 import importlib.metadata
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from sft_engine.curation.dedup import dedup_and_split
 from sft_engine.curation.mix import MARK_COLUMNS, REJECTED_COLUMNS, plan_outputs
 from sft_engine.curation.rules import all_reasons
 from sft_engine.curation.schema import CANONICAL_COLUMNS, KEY, row_dicts
-from sft_engine.curation.sources import read_source, source_files
+from sft_engine.curation.sources import read_source_batches, source_files
 from sft_engine.fields import cache_view
 from sft_engine.io import (
     StageOutput,
@@ -182,38 +182,91 @@ def run_curate_unit(cfg: PipelineConfig, unit: CurateUnit) -> StageOutput:
     written atomically; reused when complete.
 
     Units share nothing, so they may run in any order, at once, in other processes or on other machines
-    (the folder must be on storage they all see).
+    (the folder must be on storage they all see). A unit reads, checks and writes ``runner.batch_rows`` rows at a
+    time, so its memory does not grow with its size.
     """
     if is_complete(unit.folder, cfg.verify_reuse):
         return StageOutput(unit.folder, reused=True)
     source = {s.name: s for s in cfg.curate.sources}[unit.source]
-    if unit.files is None:
-        rows = read_source(source, cfg.curate, cfg.seed)
-    else:
-        # Each file through the same reader (as a literal path); rows are numbered within the shard here
-        # and across the whole source by the global step.
-        parts = [read_source(source.model_copy(update={"path": glob.escape(f)}), cfg.curate, cfg.seed) for f in unit.files]
-        rows = pl.concat(parts).with_columns(row=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
-    checked = check_rows(rows, cfg.curate, cfg.seed)
     with atomic_dir(unit.folder, cfg.verify_reuse) as tmp:
         if tmp is None:  # another run finished this unit first
             return StageOutput(unit.folder, reused=True)
-        checked.write_parquet(tmp / "rows.parquet")
+        _write_batches((check_rows(batch, cfg.curate, cfg.seed) for batch in _unit_batches(cfg, unit, source)), tmp / "rows.parquet")
     return StageOutput(unit.folder, reused=False)
+
+
+def _unit_batches(cfg: PipelineConfig, unit: CurateUnit, source: SourceConfig) -> Iterator[pl.DataFrame]:
+    """The unit's rows, ``runner.batch_rows`` at a time; a shard's rows numbered 1.. across its files (the global step
+    numbers them across the whole source)."""
+    if unit.files is None:
+        yield from read_source_batches(source, cfg.curate, cfg.seed, cfg.runner.batch_rows)
+        return
+    offset = 0
+    for f in unit.files:  # each file through the same reader, as a literal path
+        for batch in read_source_batches(source.model_copy(update={"path": glob.escape(f)}), cfg.curate, cfg.seed, cfg.runner.batch_rows):
+            yield batch.with_columns(row=pl.col("row") + offset)
+            offset += batch.height
+
+
+def _write_batches(frames: Iterable[pl.DataFrame], dest: Path) -> None:
+    """Frames of one schema into one Parquet file, a frame at a time (an empty frame only when all are)."""
+    import pyarrow.parquet as pq
+
+    writer = None
+    first: pl.DataFrame | None = None
+    try:
+        for frame in frames:
+            if first is None:
+                first = frame
+            if frame.height == 0:
+                continue
+            table = frame.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(dest, table.schema, compression="zstd")
+            elif table.schema != writer.schema:
+                table = table.cast(writer.schema)  # e.g. a column that is all null in this batch
+            writer.write_table(table, row_group_size=ROW_GROUP)
+        if writer is None and first is not None:
+            first.write_parquet(dest)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _unit_spans(plan: CuratePlan) -> list[tuple[CurateUnit, int, int]]:
+    """Each unit with the offset of its rows within its source (a shard numbers its rows from 1) and its row count,
+    from the Parquet footers."""
+    offsets: dict[str, int] = {}
+    spans = []
+    for unit in plan.units:
+        n = pl.scan_parquet(unit.folder / "rows.parquet").select(pl.len()).collect().item()
+        offset = offsets.get(unit.source, 0)
+        spans.append((unit, offset, n))
+        offsets[unit.source] = offset + n
+    return spans
 
 
 def _unit_rows(plan: CuratePlan, columns: list[str]) -> pl.LazyFrame:
     """Those columns of every unit's checked rows, in plan order, with each sharded source's rows
-    numbered 1.. across its shards (a shard's rows are numbered within it; row counts come from the
-    Parquet footers). Lazy, so each reader takes only the columns it needs."""
-    offsets: dict[str, int] = {}
+    numbered 1.. across its shards. Lazy, so each reader takes only the columns it needs."""
+    return pl.concat([
+        pl.scan_parquet(unit.folder / "rows.parquet").select(columns).with_columns(row=pl.col("row") + offset)
+        for unit, offset, _ in _unit_spans(plan)
+    ])
+
+
+def _texts_by_key(plan: CuratePlan, want: pl.DataFrame) -> pl.Series:
+    """The folded text of the rows ``want`` names (source, row), in its order: read unit by unit, so only one unit's
+    text column is in memory at a time, never the corpus's."""
+    want = want.select(KEY).with_row_index("_want")
     parts = []
-    for unit in plan.units:
-        path = unit.folder / "rows.parquet"
-        offset = offsets.get(unit.source, 0)
-        parts.append(pl.scan_parquet(path).select(columns).with_columns(row=pl.col("row") + offset))
-        offsets[unit.source] = offset + pl.scan_parquet(path).select(pl.len()).collect().item()
-    return pl.concat(parts)
+    for unit, offset, n in _unit_spans(plan):
+        need = want.filter((pl.col("source") == unit.source) & pl.col("row").is_between(offset + 1, offset + n))
+        if need.height:
+            rows = pl.scan_parquet(unit.folder / "rows.parquet").select(*KEY, "norm_text").with_columns(row=pl.col("row") + offset)
+            parts.append(need.lazy().join(rows, on=KEY, how="inner").collect())
+    got = pl.concat(parts) if parts else want.with_columns(norm_text=pl.lit(None, pl.String))
+    return got.sort("_want")["norm_text"]
 
 
 def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 65_536) -> None:
@@ -235,12 +288,8 @@ def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: Cur
     ])
     marks = {i: [c for c in keys.columns if c not in KEY] for i, (keys, _) in enumerate(outputs.values())}
     content_cols = sorted({c for i, (_, cols) in enumerate(outputs.values()) for c in cols if c not in KEY and c not in marks[i]})
-    offsets: dict[str, int] = {}
-    for u, unit in enumerate(plan.units):
+    for u, (unit, lo, n) in enumerate(_unit_spans(plan)):
         path = unit.folder / "rows.parquet"
-        lo = offsets.get(unit.source, 0)
-        n = pl.scan_parquet(path).select(pl.len()).collect().item()
-        offsets[unit.source] = lo + n
         need = wanted.filter((pl.col("source") == unit.source) & pl.col("row").is_between(lo + 1, lo + n))
         if need.height == 0:
             continue
@@ -380,9 +429,7 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
 
         def texts_of(positions: np.ndarray) -> pl.Series:
             # Only rows in a near-dup candidate pair: their folded text, read back from the unit files.
-            want = slim.select(KEY).gather(positions).with_row_index("_want")
-            got = _unit_rows(plan, [*KEY, "norm_text"]).join(want.lazy(), on=KEY, how="inner").collect()
-            return got.sort("_want")["norm_text"]
+            return _texts_by_key(plan, slim.select(KEY).gather(positions))
 
         marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed, texts_of)
         marks = marks.select(MARK_COLUMNS)
