@@ -202,10 +202,12 @@ def _unit_batches(cfg: PipelineConfig, unit: CurateUnit, source: SourceConfig) -
         yield from read_source_batches(source, cfg.curate, cfg.seed, cfg.runner.batch_rows)
         return
     offset = 0
-    for f in unit.files:  # each file through the same reader, as a literal path
+    for f in unit.files:  # each file through the same reader, as a literal path, its rows numbered 1.. across its batches
+        rows = 0
         for batch in read_source_batches(source.model_copy(update={"path": glob.escape(f)}), cfg.curate, cfg.seed, cfg.runner.batch_rows):
             yield batch.with_columns(row=pl.col("row") + offset)
-            offset += batch.height
+            rows += batch.height
+        offset += rows
 
 
 def _write_batches(frames: Iterable[pl.DataFrame], dest: Path) -> None:

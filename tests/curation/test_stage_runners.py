@@ -118,6 +118,19 @@ def test_shards_give_the_rows_of_one_unit_and_find_near_dups_across_shards(shard
     assert stats["cache"] == {"sources_reused": [], "sources_computed": ["a[0]", "a[1]", "a[2]", "b[0]", "b[1]"], "dedup_reused": False}
 
 
+@pytest.mark.parametrize("files_per_shard", [1, 100])
+def test_batch_rows_do_not_change_the_outputs(shard_data: Path, sequential: StageOutput, files_per_shard: int, tmp_path: Path) -> None:
+    # 3 rows a batch: every file (20-30 rows) is read, checked and written in many batches, across shard files
+    # and whole sources; rows must be numbered and deduplicated exactly as in one batch.
+    small = curation.run_curate(load_config(None, shard_overrides(
+        shard_data, tmp_path, "runner.batch_rows=3", f"runner.files_per_shard={files_per_shard}")))
+    assert small.path.name == sequential.path.name  # runner.batch_rows does not feed the key ...
+    for name in OUTPUTS[:3]:  # ... because it does not change the bytes
+        assert (small.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
+    unit = pl.read_parquet(next((tmp_path / "curate_sources").glob("a-*")) / "rows.parquet")
+    assert unit["row"].to_list() == list(range(1, unit.height + 1))
+
+
 def test_a_new_shard_reuses_the_others(shard_data: Path, tmp_path: Path) -> None:
     data = write_shards(tmp_path / "data")
     first = curation.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
