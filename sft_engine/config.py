@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -185,6 +186,24 @@ class RepairConfig(Strict):
     )
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def memory_bytes(size: str) -> int:
+    """Bytes of a size such as ``512MiB``, ``2GiB``, ``4GB`` or ``1000000``; ``auto`` = a quarter of this machine's memory."""
+    import psutil
+
+    if size.strip().lower() == "auto":
+        return psutil.virtual_memory().total // 4
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", size)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"memory_budget: '{size}' is not a size; write e.g. 512MiB, 2GiB, 4GB or auto")
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"memory_budget: '{size}' must be more than 0 bytes")
+    return value
+
+
 class CurateConfig(Strict):
     """Curation: read, normalize, validate, dedup, filter, split."""
 
@@ -202,6 +221,20 @@ class CurateConfig(Strict):
         default=0.05, ge=0, lt=1, description="Share of rows set aside for held-out evaluation, chosen by content hash."
     )
     repair: RepairConfig = Field(json_schema_extra=keyed("curate.rows"), default_factory=lambda: RepairConfig())
+    memory_budget: str = Field(
+        json_schema_extra=unkeyed("decides only whether band keys are paired in memory or by partitions on disk: the same "
+                                  "pairs, the same bytes (tests/curation/test_stage_runners.py)"),
+        default="auto",
+        description="Memory the global step may give near-dedup's band keys (128 B per row): beyond it they are spilled to "
+        "disk by hash partition and paired a partition at a time. A size (512MiB, 2GiB, 4GB) or auto = a quarter of this "
+        "machine's memory. The marks (~60 B per row) and each unit's batch (runner.batch_rows) come on top.",
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        memory_bytes(value)
+        return value
 
     @model_validator(mode="after")
     def _bounds(self) -> CurateConfig:

@@ -9,13 +9,15 @@ hundred bytes a row, never the corpus.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from sft_engine.curation.near_dedup import resolve, sketch
+from sft_engine.config import memory_bytes
+from sft_engine.curation.near_dedup import candidate_pairs, key_partition, partition_bits, sketch, verify_pairs
 from sft_engine.curation.schema import KEY
 
 if TYPE_CHECKING:
@@ -50,17 +52,60 @@ def with_dedup_keys(df: pl.DataFrame, cfg: CurateConfig, seed: int = 0) -> pl.Da
     return df.with_columns(_bands=pl.Series(bands, dtype=pl.Array(pl.UInt64, nd.bands)), _has_shingles=pl.Series(has_all))
 
 
-def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int, texts_of: Callable[[np.ndarray], pl.Series]) -> tuple[pl.DataFrame, dict[str, Any]]:
+def band_partitions(
+    chunks: Iterable[np.ndarray], docs: np.ndarray, bits: int, scratch: Path | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The band keys of ``docs`` (``chunks``: their (k, bands) key rows, in order) as ``(key, doc)`` partitions by the
+    keys' top ``bits`` (``near_dedup.key_partition``), documents ascending within each: in memory when ``bits`` is 0,
+    else spilled chunk by chunk to one pair of files per partition under ``scratch`` and read back one at a time."""
+    if not bits:
+        keys = np.concatenate(list(chunks)) if len(docs) else np.zeros((0, 1), dtype=np.uint64)
+        yield keys.ravel(), np.repeat(docs, keys.shape[1])
+        return
+    assert scratch is not None, "partitioned pairing needs a scratch folder"
+    scratch.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for chunk in chunks:
+        flat = chunk.ravel()
+        doc = np.repeat(docs[start:start + len(chunk)], chunk.shape[1])
+        start += len(chunk)
+        part = key_partition(flat, bits)
+        order = np.argsort(part, kind="stable")  # keeps each partition's entries in document order
+        bounds = np.searchsorted(part[order], np.arange(2**bits + 1))
+        for p in np.flatnonzero(np.diff(bounds)).tolist():
+            sel = order[bounds[p]:bounds[p + 1]]
+            with open(scratch / f"{p:04d}.key", "ab") as fk, open(scratch / f"{p:04d}.doc", "ab") as fd:
+                fk.write(flat[sel].tobytes())
+                fd.write(doc[sel].tobytes())
+    for p in range(2**bits):
+        key_file, doc_file = scratch / f"{p:04d}.key", scratch / f"{p:04d}.doc"
+        if key_file.exists():
+            yield np.fromfile(key_file, dtype=np.uint64), np.fromfile(doc_file, dtype=np.int64)
+            key_file.unlink()
+            doc_file.unlink()
+
+
+def _near_dedup(
+    df: pl.DataFrame,
+    cfg: CurateConfig,
+    seed: int,
+    texts_of: Callable[[np.ndarray], pl.Series],
+    bands_of: Callable[[np.ndarray], Iterable[np.ndarray]],
+    scratch: Path | None,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Mark near-duplicates among surviving rows as ``dedup_near``, with ``dup_of`` = 'source:row' of the kept row.
 
-    Works from the stored band keys; ``texts_of(positions)`` gives the folded text of rows (positions in ``df``)
-    and is asked only for rows in a candidate pair.
+    Works from the stored band keys, ``bands_of(positions)`` (positions in ``df``, ascending: their key rows, in
+    chunks), paired in memory or, beyond ``curate.memory_budget``, partition by partition through ``scratch``.
+    ``texts_of(positions)`` gives the folded text of rows and is asked only for rows in a candidate pair.
     """
     nd = cfg.near_dedup
     alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
-    keys = df["_bands"].gather(alive).to_numpy().reshape(len(alive), nd.bands)
-    has = df["_has_shingles"].gather(alive).to_numpy()
-    res = resolve(keys, has, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, nd.num_perm, seed)
+    # Rows without a shingle (empty text) match nothing: they are left out of the pairing.
+    docs = np.flatnonzero(df["_has_shingles"].gather(alive).to_numpy())
+    bits = partition_bits(len(docs) * nd.bands, memory_bytes(cfg.memory_budget))
+    pairs = candidate_pairs(band_partitions(bands_of(alive[docs]), docs, bits, scratch), len(alive))
+    res = verify_pairs(len(alive), pairs, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, nd.num_perm, nd.bands, seed)
     head = res.duplicate_of
     dup_pos, of_pos = alive[head >= 0], alive[head[head >= 0]]
     labels = df.select(KEY).gather(of_pos).select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series()
@@ -83,28 +128,36 @@ def _near_dedup(df: pl.DataFrame, cfg: CurateConfig, seed: int, texts_of: Callab
 
 
 def dedup_and_split(
-    df: pl.DataFrame, cfg: CurateConfig, seed: int = 0, texts_of: Callable[[np.ndarray], pl.Series] | None = None
+    df: pl.DataFrame,
+    cfg: CurateConfig,
+    seed: int = 0,
+    texts_of: Callable[[np.ndarray], pl.Series] | None = None,
+    bands_of: Callable[[np.ndarray], Iterable[np.ndarray]] | None = None,
+    scratch: Path | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Global steps over all checked rows: exact and near dedup, then the held-out split.
 
     ``df`` needs the marks and ``with_dedup_keys``' columns, not the text: ``texts_of(positions)`` supplies
-    the folded text of the few rows near-dedup verifies (default: ``df['norm_text']``).
-    Returns every input row, in order, with ``drop_reason`` (null = kept), ``dup_of`` and ``split``
-    ('train'/'heldout'), plus the near-dedup report.
+    the folded text of the few rows near-dedup verifies (default: ``df['norm_text']``), ``bands_of(positions)``
+    their band keys (default: ``df['_bands']``), and ``scratch`` is where band keys spill beyond
+    ``curate.memory_budget``. Returns every input row, in order, with ``drop_reason`` (null = kept), ``dup_of`` and
+    ``split`` ('train'/'heldout'), plus the near-dedup report.
     """
     if texts_of is None:
         texts_of = df["norm_text"].gather
-    df = df.with_row_index("_order")
+    if bands_of is None:
+        bands = cfg.near_dedup.bands
+        bands_of = lambda positions: [df["_bands"].gather(positions).to_numpy().reshape(len(positions), bands)]  # noqa: E731
     if cfg.dedup:
-        alive = pl.col("drop_reason").is_null()
-        # Rank duplicates among surviving rows only, in a stable (source, row) order, so the first copy wins.
-        first = pl.col("_order") == pl.col("_order").filter(alive).min().over("_dedup_hash")
-        df = df.with_columns(drop_reason=pl.when(alive & ~first).then(pl.lit("dedup_exact")).otherwise(pl.col("drop_reason")))
+        # Among surviving rows only, in (source, row) order: the first copy of each text wins.
+        alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
+        later = alive[~df["_dedup_hash"].gather(alive).is_first_distinct().to_numpy()]
+        df = df.with_columns(df["drop_reason"].clone().scatter(later, "dedup_exact"))
     df = df.with_columns(dup_of=pl.lit(None, dtype=pl.String))
     near_info: dict[str, Any] = {}
     if cfg.near_dedup.enabled:
-        df, near_info = _near_dedup(df, cfg, seed, texts_of)
+        df, near_info = _near_dedup(df, cfg, seed, texts_of, bands_of, scratch)
     threshold = int(cfg.heldout_fraction * 10_000)
     # Split by content hash, seeded: fixed whatever the mix, so held-out items never move into training.
     df = df.with_columns(split=pl.when(pl.col("_split_bucket") < threshold).then(pl.lit("heldout")).otherwise(pl.lit("train")))
-    return df.drop("_order"), near_info
+    return df, near_info

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -338,22 +338,68 @@ def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
     return key
 
 
-def candidates_from_keys(keys: np.ndarray) -> np.ndarray:
-    """Candidate pairs (i, j), i < j, of documents sharing a band key; star-shaped per bucket (first doc to each other)."""
+# Peak bytes per (key, doc) entry while its partition is paired: the entry (16), the sort order (8), the sorted
+# copies (16), the group-start index (16) and the pair codes.
+BYTES_PER_KEY = 64
+
+
+def key_partition(keys: np.ndarray, bits: int) -> np.ndarray:
+    """Which of ``2**bits`` partitions each band key falls in (its top bits): every copy of a key lands in one."""
+    return (keys >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(keys.shape, dtype=np.int64)
+
+
+def partition_bits(entries: int, budget_bytes: int) -> int:
+    """The fewest top bits of the key that cut ``entries`` (key, doc) entries into partitions that fit the budget
+    (hash-distributed, so each holds about entries / 2**bits)."""
+    bits = 0
+    while bits < 16 and entries * BYTES_PER_KEY / 2**bits > budget_bytes:
+        bits += 1
+    return bits
+
+
+def pairs_in_partition(key: np.ndarray, doc: np.ndarray, n: int) -> np.ndarray:
+    """Candidate pairs among entries that hold every copy of their keys, ``doc`` ascending within a key, as sorted
+    unique codes ``head * n + doc``: in each group of equal keys, its first (smallest) document with each other one."""
+    if len(key) < 2:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(key, kind="stable")
+    key, doc = key[order], doc[order]
+    del order
+    later = np.concatenate(([False], key[1:] == key[:-1]))  # not the first entry of its key
+    del key
+    head = np.maximum.accumulate(np.where(later, 0, np.arange(len(doc))))[later]
+    heads, docs = doc[head], doc[later]
+    other = heads != docs  # the same document twice under one key (only if two of its bands' keys collide)
+    # head-major codes: np.unique sorts them by (head, doc) and drops a pair found in several bands.
+    return np.unique(heads[other] * n + docs[other])
+
+
+def candidate_pairs(parts: Iterable[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Candidate pairs (i, j), i < j, sorted, from ``(key, doc)`` partitions of the band keys of ``n`` documents.
+
+    Each partition holds every copy of its keys (``key_partition``), documents ascending within a key, so
+    partitions are paired one at a time: memory follows the largest partition, not the corpus.
+    """
+    codes = [pairs_in_partition(key, doc, n) for key, doc in parts]
+    merged = np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.int64)
+    return np.stack([merged // n, merged % n], axis=1) if n else np.zeros((0, 2), dtype=np.int64)
+
+
+def candidates_from_keys(keys: np.ndarray, has: np.ndarray | None = None, budget_bytes: int = 1 << 30) -> np.ndarray:
+    """Candidate pairs (i, j), i < j, of documents sharing a band key; star-shaped per bucket (first doc to each other).
+
+    Documents where ``has`` is False (no shingle) match nothing. Band keys are seeded by the band index, so one
+    flat key column holds every band; it is paired in key partitions of at most ``budget_bytes``.
+    """
     n, bands = keys.shape
-    if not n:
-        return np.zeros((0, 2), dtype=np.int64)
-    # Band keys are seeded by the band index, so one flat key column holds every band.
-    df = pl.DataFrame({"key": keys.ravel(), "doc": np.repeat(np.arange(n, dtype=np.int64), bands)})
-    pairs = (
-        df.filter(pl.len().over("key") > 1)
-        .with_columns(head=pl.col("doc").min().over("key"))
-        .filter(pl.col("doc") != pl.col("head"))
-        .select("head", "doc")
-        .unique()
-        .sort("head", "doc")
-    )
-    return pairs.to_numpy().astype(np.int64).reshape(-1, 2)
+    docs = np.arange(n, dtype=np.int64) if has is None else np.flatnonzero(has)
+    flat = (keys if has is None else keys[docs]).ravel()
+    doc = np.repeat(docs, bands)
+    bits = partition_bits(len(flat), budget_bytes)
+    if not bits:
+        return candidate_pairs([(flat, doc)], n)
+    part = key_partition(flat, bits)
+    return candidate_pairs(((flat[sel], doc[sel]) for sel in (np.flatnonzero(part == p) for p in range(2**bits))), n)
 
 
 def lsh_candidates(sig: np.ndarray, bands: int) -> np.ndarray:
@@ -476,18 +522,28 @@ def resolve(
     seed: int = 0,
     block_docs: int = 8192,
 ) -> NearDupResult:
-    """Candidates from shared band keys, verified by exact Jaccard, resolved into clusters.
+    """Candidates from shared band keys, verified by exact Jaccard, resolved into clusters (``verify_pairs``)."""
+    n, bands = keys.shape
+    return verify_pairs(n, candidates_from_keys(keys, has), texts_of, threshold, ngram, num_perm, bands, seed, block_docs)
+
+
+def verify_pairs(
+    n: int,
+    pairs: np.ndarray,
+    texts_of: Callable[[np.ndarray], pl.Series],
+    threshold: float = 0.8,
+    ngram: int = 5,
+    num_perm: int = 128,
+    bands: int = 16,
+    seed: int = 0,
+    block_docs: int = 8192,
+) -> NearDupResult:
+    """Candidate pairs of ``n`` documents verified by exact Jaccard, resolved into clusters.
 
     ``texts_of(indices)`` returns the texts of those documents (in that order); it is called once, for
     the documents of candidate pairs only, so the caller never needs every text in memory.
     """
-    n, bands = keys.shape
     rows = num_perm // bands
-    keys = keys.copy()
-    # Documents without shingles (empty text) match nothing.
-    keys[~has] = _mix(np.arange(n, dtype=np.uint64)[~has, None] * np.uint64(bands) + np.arange(bands, dtype=np.uint64)[None, :])
-    pairs = candidates_from_keys(keys)
-    pairs = pairs[has[pairs[:, 0]] & has[pairs[:, 1]]]
     if len(pairs):
         # Exact verification: shingles again, for the documents in a candidate pair only.
         docs, local = np.unique(pairs, return_inverse=True)

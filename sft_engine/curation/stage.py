@@ -248,21 +248,21 @@ def _unit_spans(plan: CuratePlan) -> list[tuple[CurateUnit, int, int]]:
     return spans
 
 
-def _unit_rows(plan: CuratePlan, columns: list[str]) -> pl.LazyFrame:
+def _unit_rows(plan: CuratePlan, columns: list[str], spans: list[tuple[CurateUnit, int, int]] | None = None) -> pl.LazyFrame:
     """Those columns of every unit's checked rows, in plan order, with each sharded source's rows
     numbered 1.. across its shards. Lazy, so each reader takes only the columns it needs."""
     return pl.concat([
         pl.scan_parquet(unit.folder / "rows.parquet").select(columns).with_columns(row=pl.col("row") + offset)
-        for unit, offset, _ in _unit_spans(plan)
+        for unit, offset, _ in (spans or _unit_spans(plan))
     ])
 
 
-def _texts_by_key(plan: CuratePlan, want: pl.DataFrame) -> pl.Series:
+def _texts_by_key(plan: CuratePlan, want: pl.DataFrame, spans: list[tuple[CurateUnit, int, int]] | None = None) -> pl.Series:
     """The folded text of the rows ``want`` names (source, row), in its order: read unit by unit, so only one unit's
     text column is in memory at a time, never the corpus's."""
     want = want.select(KEY).with_row_index("_want")
     parts = []
-    for unit, offset, n in _unit_spans(plan):
+    for unit, offset, n in spans or _unit_spans(plan):
         need = want.filter((pl.col("source") == unit.source) & pl.col("row").is_between(offset + 1, offset + n))
         if need.height:
             rows = pl.scan_parquet(unit.folder / "rows.parquet").select(*KEY, "norm_text").with_columns(row=pl.col("row") + offset)
@@ -400,6 +400,34 @@ def report_markdown(stats: dict[str, Any]) -> str:
 # ---- the global step ------------------------------------------------------------------------------
 
 
+def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The marks of every row after exact and near dedup and the split, from the units' dedup keys: the per-row
+    columns in memory (~60 B a row), the band keys read unit by unit and paired within ``curate.memory_budget``
+    (spilled under ``scratch`` beyond it), the text only of rows in a near-dup candidate pair."""
+    near = ["_has_shingles"] if cfg.curate.near_dedup.enabled else []
+    spans = _unit_spans(plan)
+    slim = _unit_rows(plan, ["source", "row", "drop_reason", "decontam_match", "n_chars", "repairs", "_dedup_hash", "_split_bucket", *near],
+                      spans).collect()
+
+    def texts_of(positions: np.ndarray) -> pl.Series:
+        return _texts_by_key(plan, slim.select(KEY).gather(positions), spans)
+
+    def bands_of(positions: np.ndarray) -> Iterator[np.ndarray]:
+        # Positions count rows across the units in plan order: each unit's band keys are read once, for its rows.
+        start = 0
+        for unit, _, n in spans:
+            lo, hi = np.searchsorted(positions, [start, start + n])
+            if hi > lo:
+                column = pl.scan_parquet(unit.folder / "rows.parquet").select("_bands").collect().to_series()
+                yield column.gather(positions[lo:hi] - start).to_numpy().reshape(hi - lo, cfg.curate.near_dedup.bands)
+            start += n
+
+    marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed, texts_of, bands_of, scratch)
+    if scratch.exists():
+        scratch.rmdir()
+    return marks.select(MARK_COLUMNS), near_info
+
+
 def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[StageOutput]) -> StageOutput:
     """Curation's global step over the finished unit folders: exact and near dedup across every source
     and shard plus the held-out split (``curate_dedup/``: one row of marks per input row), then mixing,
@@ -426,21 +454,12 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
         "dedup_reused": is_complete(plan.dedup),
     }
     if not cache["dedup_reused"]:
-        keys = ["_dedup_hash", "_split_bucket"] + (["_bands", "_has_shingles"] if cfg.curate.near_dedup.enabled else [])
-        slim = _unit_rows(plan, ["source", "row", "drop_reason", "decontam_match", "n_chars", "repairs", *keys]).collect()
-
-        def texts_of(positions: np.ndarray) -> pl.Series:
-            # Only rows in a near-dup candidate pair: their folded text, read back from the unit files.
-            return _texts_by_key(plan, slim.select(KEY).gather(positions))
-
-        marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed, texts_of)
-        marks = marks.select(MARK_COLUMNS)
-        del slim
         with atomic_dir(plan.dedup, cfg.verify_reuse) as tmp:
             if tmp is not None:  # else another run published the same marks first
+                marks, near_info = _dedup_marks(cfg, plan, tmp / "_spill")
                 marks.write_parquet(tmp / "marks.parquet")
                 write_json_atomic(tmp / "near_dedup.json", near_info)
-        del marks
+                del marks
     out = plan.out
     marks = pl.read_parquet(plan.dedup / "marks.parquet")
     train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)

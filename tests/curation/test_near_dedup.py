@@ -201,3 +201,43 @@ def test_blocks_and_threads_do_not_change_the_result() -> None:
     assert (many.candidates, many.verified) == (one.candidates, one.verified)
     assert one.verified > 50
     assert round(one.recall_at_threshold, 4) == 0.947  # 16 x 8 bands: P(candidate | J = 0.8)
+
+
+def test_candidates_are_star_pairs_per_shared_key_in_memory_or_by_partitions(tmp_path: Path) -> None:
+    from sft_engine.curation.dedup import band_partitions
+    from sft_engine.curation.near_dedup import candidate_pairs, candidates_from_keys
+
+    top = np.uint64(1 << 63)  # keys 7 and 7|top fall in different top-bit partitions
+    keys = np.array([
+        [7, 100],         # doc 0
+        [8, 101],         # doc 1
+        [7, 102],         # doc 2: shares band 0 with 0
+        [9, 101],         # doc 3: shares band 1 with 1
+        [7, 101],         # doc 4: with 0 and 2 (band 0), with 1 and 3 (band 1)
+        [7 | top, 103],   # doc 5: no shingle, so it matches nothing even where its keys agree
+        [7 | top, 104],   # doc 6
+        [7 | top, 105],   # doc 7: shares band 0 with 6 (5 left out)
+    ], dtype=np.uint64)
+    has = np.array([True, True, True, True, True, False, True, True])
+    # Star-shaped per bucket: the bucket's first document with each other one; sorted, each pair once.
+    expected = [[0, 2], [0, 4], [1, 3], [1, 4], [6, 7]]
+    assert candidates_from_keys(keys, has).tolist() == expected
+    assert candidates_from_keys(keys, has, budget_bytes=64).tolist() == expected  # one entry per partition's budget
+    docs = np.flatnonzero(has)
+    for bits in (0, 1, 3):  # spilled to disk in chunks of 2 documents, read back a partition at a time
+        parts = list(band_partitions((keys[docs[i:i + 2]] for i in range(0, len(docs), 2)), docs, bits, tmp_path / f"s{bits}"))
+        assert len(parts) == (1 if bits == 0 else 2)  # keys only use the top bit: at most two partitions hold entries
+        assert candidate_pairs(iter(parts), len(keys)).tolist() == expected
+        if bits:
+            assert not list((tmp_path / f"s{bits}").glob("*"))  # each partition's files are removed once read
+
+
+def test_partitioned_pairing_equals_one_pass_on_a_corpus() -> None:
+    from sft_engine.curation.near_dedup import candidates_from_keys, sketch
+
+    docs = _corpus(600, 200, seed=4)
+    keys, has = sketch(pl.Series(docs))
+    one = candidates_from_keys(keys, has)
+    assert len(one) > 150
+    for budget in (10_000, 100_000):
+        assert candidates_from_keys(keys, has, budget_bytes=budget).tolist() == one.tolist()

@@ -131,6 +131,29 @@ def test_batch_rows_do_not_change_the_outputs(shard_data: Path, sequential: Stag
     assert unit["row"].to_list() == list(range(1, unit.height + 1))
 
 
+def test_a_tiny_memory_budget_spills_band_keys_by_partition_and_gives_the_same_bytes(
+        shard_data: Path, sequential: StageOutput, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sft_engine.curation import dedup
+
+    real, seen = dedup.band_partitions, []
+
+    def counting(chunks, docs, bits, scratch):  # the real spill, counting the partitions it reads back
+        for part in real(chunks, docs, bits, scratch):
+            seen.append((bits, len(part[0])))
+            yield part
+
+    monkeypatch.setattr(dedup, "band_partitions", counting)
+    tiny = curation.run_curate(load_config(None, shard_overrides(shard_data, tmp_path, "curate.memory_budget=4KiB")))
+    # 128 live rows (130 less a broken line and an exact copy) x 16 bands x 64 B = 131,072 B: 5 top bits of the key
+    # cut them into 32 partitions of ~4 KiB; each band key of each live row is paired once, in one partition.
+    assert {bits for bits, _ in seen} == {5} and len(seen) == 32
+    assert sum(n for _, n in seen) == 128 * 16 and max(n for _, n in seen) < 128
+    assert tiny.path.name == sequential.path.name
+    for name in OUTPUTS:
+        assert (tiny.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
+    assert not list((tmp_path / "curate_dedup").glob(".tmp-*"))  # the spill lived in the published folder's temp
+
+
 def test_a_new_shard_reuses_the_others(shard_data: Path, tmp_path: Path) -> None:
     data = write_shards(tmp_path / "data")
     first = curation.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
