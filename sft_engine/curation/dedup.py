@@ -103,9 +103,11 @@ def _near_dedup(
     alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())
     # Rows without a shingle (empty text) match nothing: they are left out of the pairing.
     docs = np.flatnonzero(df["_has_shingles"].gather(alive).to_numpy())
-    bits = partition_bits(len(docs) * nd.bands, memory_bytes(cfg.memory_budget))
+    budget = memory_bytes(cfg.memory_budget)
+    bits = partition_bits(len(docs) * nd.bands, budget)
     pairs = candidate_pairs(band_partitions(bands_of(alive[docs]), docs, bits, scratch), len(alive))
-    res = verify_pairs(len(alive), pairs, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, nd.num_perm, nd.bands, seed)
+    res = verify_pairs(len(alive), pairs, lambda local: texts_of(alive[local]), nd.threshold, nd.ngram, nd.num_perm, nd.bands, seed,
+                       budget_bytes=budget, scratch=scratch)
     head = res.duplicate_of
     dup_pos, of_pos = alive[head >= 0], alive[head[head >= 0]]
     labels = df.select(KEY).gather(of_pos).select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series()

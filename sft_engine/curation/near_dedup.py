@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -409,20 +411,9 @@ def lsh_candidates(sig: np.ndarray, bands: int) -> np.ndarray:
 
 def exact_jaccard(shingles: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Exact Jaccard similarity of the shingle sets of each pair (two empty sets: 1.0)."""
-    sets: dict[int, np.ndarray] = {}
-    for d in np.unique(pairs).tolist():
-        s = np.sort(shingles[offsets[d] : offsets[d + 1]])
-        sets[d] = s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
-    out = np.empty(len(pairs))
-    for n, (i, j) in enumerate(pairs.tolist()):
-        a, b = sets[i], sets[j]
-        if len(a) > len(b):
-            a, b = b, a
-        # a is the smaller sorted set: look each of its elements up in b.
-        inter = int(np.count_nonzero(b[np.minimum(np.searchsorted(b, a), len(b) - 1)] == a)) if len(a) else 0
-        union = len(a) + len(b) - inter
-        out[n] = inter / union if union else 1.0
-    return out
+    sets = _ShingleSets(None)
+    sets.add(shingles, offsets)
+    return sets.jaccard(pairs)
 
 
 def _clusters(n: int, edges: np.ndarray) -> np.ndarray:
@@ -537,30 +528,92 @@ def verify_pairs(
     bands: int = 16,
     seed: int = 0,
     block_docs: int = 8192,
+    budget_bytes: int = 1 << 30,
+    scratch: Path | None = None,
 ) -> NearDupResult:
     """Candidate pairs of ``n`` documents verified by exact Jaccard, resolved into clusters.
 
-    ``texts_of(indices)`` returns the texts of those documents (in that order); it is called once, for
-    the documents of candidate pairs only, so the caller never needs every text in memory.
+    ``texts_of(indices)`` returns the texts of those documents (ascending, in that order); it is called for the
+    documents of candidate pairs only, ``block_docs`` at a time, so the caller never needs every text in memory.
+    Each document's shingle set is kept sorted, in memory, or in a file under ``scratch`` when the sets of all
+    candidate documents would pass ``budget_bytes``: the pairs then read their two sets back one pair at a time.
     """
     rows = num_perm // bands
+    sims = np.zeros(0)
     if len(pairs):
-        # Exact verification: shingles again, for the documents in a candidate pair only.
         docs, local = np.unique(pairs, return_inverse=True)
-        texts = texts_of(docs)
-        parts = [shingle_hashes(texts.slice(a, block_docs), ngram, seed) for a in range(0, len(docs), block_docs)]
-        shingles = np.concatenate([sh for sh, _ in parts])
-        sizes = np.concatenate([np.diff(off) for _, off in parts])
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        sims = exact_jaccard(shingles, offsets, local.reshape(-1, 2))
-    else:
-        sims = np.zeros(0)
+        spill = scratch is not None and _SET_BYTES_PER_DOC * len(docs) > budget_bytes
+        sets = _ShingleSets(scratch / "shingle_sets.bin" if spill and scratch is not None else None)
+        for a in range(0, len(docs), block_docs):
+            sets.add(*shingle_hashes(texts_of(docs[a:a + block_docs]), ngram, seed))
+        sims = sets.jaccard(local.reshape(-1, 2))
+        sets.close()
     edges = pairs[sims >= threshold]
     root = _clusters(n, edges)
     dup = np.where(root != np.arange(n), root, -1)
     return NearDupResult(
         dup, len(pairs), len(edges), float((1 / bands) ** (1 / rows)), lsh_recall(threshold, bands, rows)
     )
+
+
+# What a candidate document's shingle set is assumed to cost in memory when deciding to spill (~500 words of chat).
+_SET_BYTES_PER_DOC = 4096
+
+
+class _ShingleSets:
+    """The sorted, distinct shingle hashes of documents added block by block, in memory or appended to ``path``."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.sizes: list[np.ndarray] = []
+        self.parts: list[np.ndarray] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "wb+") if path is not None else None  # noqa: SIM115 - closed by close()
+
+    def add(self, shingles: np.ndarray, offsets: np.ndarray) -> None:
+        doc = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        order = np.lexsort((shingles, doc))
+        shingles, doc = shingles[order], doc[order]
+        keep = np.ones(len(shingles), dtype=bool)
+        keep[1:] = (shingles[1:] != shingles[:-1]) | (doc[1:] != doc[:-1])
+        self.sizes.append(np.bincount(doc[keep], minlength=len(offsets) - 1))
+        if self.file is not None:
+            self.file.write(shingles[keep].tobytes())
+        else:
+            self.parts.append(shingles[keep])
+
+    def jaccard(self, pairs: np.ndarray) -> np.ndarray:
+        """Exact Jaccard of each pair of (added-order) documents' sets (two empty sets: 1.0)."""
+        sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate(([0], np.cumsum(sizes)))
+        if self.file is None:
+            flat = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.uint64)
+            get = lambda d: flat[offsets[d]:offsets[d + 1]]  # noqa: E731
+        else:
+            self.file.flush()
+            fd = self.file.fileno()
+            get = lambda d: np.frombuffer(os.pread(fd, int(8 * sizes[d]), int(8 * offsets[d])), dtype=np.uint64)  # noqa: E731
+        out = np.empty(len(pairs))
+        for k, (i, j) in enumerate(pairs.tolist()):
+            out[k] = _jaccard_sorted(get(i), get(j))
+        return out
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            assert self.path is not None
+            self.path.unlink()
+
+
+def _jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard of two sorted sets of distinct values (two empty sets: 1.0)."""
+    if len(a) > len(b):
+        a, b = b, a
+    # a is the smaller set: look each of its elements up in b.
+    inter = int(np.count_nonzero(b[np.minimum(np.searchsorted(b, a), len(b) - 1)] == a)) if len(a) else 0
+    union = len(a) + len(b) - inter
+    return inter / union if union else 1.0
 
 
 def near_duplicates(

@@ -257,21 +257,43 @@ def _unit_rows(plan: CuratePlan, columns: list[str], spans: list[tuple[CurateUni
     ])
 
 
+def _row_groups(path: Path, columns: list[str], offset: int, wanted: pl.Series) -> Iterator[pl.DataFrame]:
+    """Those columns of a unit file's rows that ``wanted`` numbers (within the source: the unit's rows are offset+1..),
+    a row group at a time, reading only row groups that hold some. Rows are picked in Arrow, into fresh buffers:
+    a Polars frame of a few rows would keep its whole row group's strings alive."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path)
+    wanted = wanted.sort() - offset
+    first = 1
+    for g in range(meta.num_row_groups):
+        n = meta.metadata.row_group(g).num_rows
+        lo, hi = wanted.search_sorted(first), wanted.search_sorted(first + n)
+        if hi > lo:
+            table = meta.read_row_group(g, columns=columns)
+            table = table.filter(pc.is_in(table["row"], value_set=pa.array(wanted.slice(lo, hi - lo).to_numpy())))
+            yield pl.from_arrow(table).with_columns(row=pl.col("row") + offset)  # type: ignore[union-attr]
+            del table
+        first += n
+
+
 def _texts_by_key(plan: CuratePlan, want: pl.DataFrame, spans: list[tuple[CurateUnit, int, int]] | None = None) -> pl.Series:
-    """The folded text of the rows ``want`` names (source, row), in its order: read unit by unit, so only one unit's
-    text column is in memory at a time, never the corpus's."""
+    """The folded text of the rows ``want`` names (source, row), in its order: read a row group at a time, only the
+    row groups holding wanted rows, so one row group's text column is in memory at a time, never a unit's or the corpus's."""
     want = want.select(KEY).with_row_index("_want")
     parts = []
     for unit, offset, n in spans or _unit_spans(plan):
         need = want.filter((pl.col("source") == unit.source) & pl.col("row").is_between(offset + 1, offset + n))
         if need.height:
-            rows = pl.scan_parquet(unit.folder / "rows.parquet").select(*KEY, "norm_text").with_columns(row=pl.col("row") + offset)
-            parts.append(need.lazy().join(rows, on=KEY, how="inner").collect())
+            for rows in _row_groups(unit.folder / "rows.parquet", [*KEY, "norm_text"], offset, need["row"].unique()):
+                parts.append(need.join(rows, on=KEY, how="inner"))
     got = pl.concat(parts) if parts else want.with_columns(norm_text=pl.lit(None, pl.String))
     return got.sort("_want")["norm_text"]
 
 
-def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 65_536) -> None:
+def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 16_384) -> None:
     """For each ``dest: (keys, columns)``, write those columns of the rows ``keys`` names (source, row; in their order,
     repeats kept; mark columns ``keys`` carries are taken from it) to ``dest``, holding one unit and one bucket of
     output rows at a time, never the corpus.
@@ -295,10 +317,17 @@ def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: Cur
         need = wanted.filter((pl.col("source") == unit.source) & pl.col("row").is_between(lo + 1, lo + n))
         if need.height == 0:
             continue
-        rows = pl.scan_parquet(path).select([*KEY, *content_cols]).with_columns(row=pl.col("row") + lo)
-        part = need.lazy().join(rows, on=KEY, how="left").collect()
-        for (out, bucket), piece in part.partition_by("_out", "_bucket", as_dict=True).items():
-            piece.write_ipc(scratch / f"{out}-{bucket:06d}-{u:05d}.arrow", compression="uncompressed")
+        held: list[pl.DataFrame] = []
+        flushes = 0
+        groups = _row_groups(path, [*KEY, *content_cols], lo, need["row"].unique())
+        for rows in (*groups, None):
+            if rows is not None:
+                held.append(need.join(rows, on=KEY, how="inner"))
+            # Filed a few row groups at a time: memory stays a few row groups, the scratch files stay few.
+            if held and (rows is None or sum(p.height for p in held) >= bucket_rows // 2):
+                for (out, bucket), piece in pl.concat(held).partition_by("_out", "_bucket", as_dict=True).items():
+                    piece.write_ipc(scratch / f"{out}-{bucket:06d}-{u:05d}-{flushes:05d}.arrow", compression="uncompressed")
+                held, flushes = [], flushes + 1
     for i, dest in enumerate(order):
         keys, columns = outputs[dest]
         mark_cols = keys.with_row_index("_pos").select("_pos", *marks[i]) if marks[i] else None
