@@ -149,7 +149,7 @@ def dedup_and_split(
         texts_of = df["norm_text"].gather
     if bands_of is None:
         bands = cfg.near_dedup.bands
-        bands_of = lambda positions: [df["_bands"].gather(positions).to_numpy().reshape(len(positions), bands)]  # noqa: E731
+        bands_of = lambda positions: [df["_bands"].gather(positions).to_numpy().reshape(len(positions), bands)]
     if cfg.dedup:
         # Among surviving rows only, in (source, row) order: the first copy of each text wins.
         alive = np.flatnonzero(df["drop_reason"].is_null().to_numpy())

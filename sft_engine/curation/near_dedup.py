@@ -589,11 +589,11 @@ class _ShingleSets:
         offsets = np.concatenate(([0], np.cumsum(sizes)))
         if self.file is None:
             flat = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.uint64)
-            get = lambda d: flat[offsets[d]:offsets[d + 1]]  # noqa: E731
+            get = lambda d: flat[offsets[d]:offsets[d + 1]]
         else:
             self.file.flush()
             fd = self.file.fileno()
-            get = lambda d: np.frombuffer(os.pread(fd, int(8 * sizes[d]), int(8 * offsets[d])), dtype=np.uint64)  # noqa: E731
+            get = lambda d: np.frombuffer(os.pread(fd, int(8 * sizes[d]), int(8 * offsets[d])), dtype=np.uint64)
         out = np.empty(len(pairs))
         for k, (i, j) in enumerate(pairs.tolist()):
             out[k] = _jaccard_sorted(get(i), get(j))

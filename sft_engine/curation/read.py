@@ -16,7 +16,7 @@ import glob
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,8 @@ def _preview(raw: bytes | str) -> str:
     return raw[:RAW_PREVIEW_CHARS]
 
 
-def _jsonl(data: bytes, max_row_bytes: int) -> Iterator[Record]:
-    for line in data.split(b"\n"):
+def _jsonl(lines: Iterable[bytes], max_row_bytes: int) -> Iterator[Record]:
+    for line in lines:
         if not line or line.isspace():
             continue  # blank lines (and the newline ending the last row) separate rows, they are not rows
         if len(line) > max_row_bytes:
@@ -122,7 +122,7 @@ def _json(data: bytes, path: Path, max_row_bytes: int) -> Iterator[Record]:
         text = data.decode("utf-8", errors="replace")
         start = _skip_ws(text, 0)
         if start < len(text) and text[start] == "{":
-            yield from _jsonl(data, max_row_bytes)  # JSON Lines under a .json name
+            yield from _jsonl(data.split(b"\n"), max_row_bytes)  # JSON Lines under a .json name
             return
         if start >= len(text) or text[start] != "[":
             raise SourceError(f"source file '{path}' is not a JSON array of rows (it starts with {text[start:start + 20]!r}); use .jsonl for one object per line") from None
@@ -145,30 +145,68 @@ def _datasets_folder(path: Path) -> Iterator[Record]:
         yield Record(obj)
 
 
-def iter_records(path: Path, max_row_bytes: int = 1_000_000) -> Iterator[Record]:
-    """Every row of one file or saved ``datasets`` folder, parsed or quarantined (see the module docstring)."""
-    name = path.name.lower()
+def _file_errors(path: Path) -> Callable[[BaseException], SourceError]:
+    def why(exc: BaseException) -> SourceError:
+        if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+            return SourceError(f"source file '{path}' is truncated or corrupt ({exc}); re-export or re-download it")
+        return SourceError(f"cannot read source '{path}': {exc}")
+    return why
+
+
+_READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, pl.exceptions.PolarsError, ValueError)
+# Rows per Parquet batch turned into Python objects: a file's memory is one batch's, not the file's.
+PARQUET_BATCH = 4096
+
+
+def _parquet(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
     try:
-        if path.is_dir():
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH)
+        for batch in batches:
+            rows = pl.from_arrow(batch).to_dicts()  # type: ignore[union-attr]
+            yield from (Record(obj) for obj in rows)
+    except _READ_ERRORS as exc:
+        raise _file_errors(path)(exc) from exc
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a JSON Lines file (gzipped or not), without their newline, read as the file streams."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for line in f:
+                yield line[:-1] if line.endswith(b"\n") else line
+    except _READ_ERRORS as exc:
+        raise _file_errors(path)(exc) from exc
+
+
+def iter_records(path: Path, max_row_bytes: int = 1_000_000) -> Iterator[Record]:
+    """Every row of one file or saved ``datasets`` folder, parsed or quarantined (see the module docstring).
+
+    JSON Lines and Parquet stream (a line, a batch of rows at a time); a JSON array is read whole."""
+    name = path.name.lower()
+    if path.is_dir():
+        try:
             yield from _datasets_folder(path)
-            return
-        if name.endswith(".parquet"):
-            for obj in pl.read_parquet(path).to_dicts():
-                yield Record(obj)
-            return
+        except SourceError:
+            raise
+        except _READ_ERRORS as exc:
+            raise _file_errors(path)(exc) from exc
+        return
+    if name.endswith(".parquet"):
+        yield from _parquet(path)
+        return
+    if not name.endswith((".json", ".json.gz")):
+        yield from _jsonl(_lines(path), max_row_bytes)
+        return
+    try:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rb") as f:
             data = f.read()
-    except SourceError:
-        raise
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise SourceError(f"source file '{path}' is truncated or corrupt ({exc}); re-export or re-download it") from exc
-    except (OSError, pl.exceptions.PolarsError, ValueError) as exc:
-        raise SourceError(f"cannot read source '{path}': {exc}") from exc
-    if name.endswith((".json", ".json.gz")):
-        yield from _json(data, path, max_row_bytes)
-    else:
-        yield from _jsonl(data, max_row_bytes)
+    except _READ_ERRORS as exc:
+        raise _file_errors(path)(exc) from exc
+    yield from _json(data, path, max_row_bytes)
 
 
 def match_files(pattern: str, what: str) -> list[Path]:
