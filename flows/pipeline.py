@@ -37,10 +37,11 @@ def curate_flow(config: dict[str, Any], parent_run_id: str | None = None) -> str
 
     With ``runner.kind`` threads, dask or ray the row-local work runs as one mapped task per source or
     shard on that task runner, then one global task dedups (exact and near) across all of it, splits
-    and mixes; sequential runs it all inside the curate task. Same folders, same bytes either way.
+    and mixes; sequential, processes and auto run it all inside the curate task (processes on a local
+    process pool). Same folders, same bytes either way.
     """
     cfg = PipelineConfig.model_validate(config)
-    if cfg.runner.kind == "sequential":
+    if cfg.runner.kind in ("auto", "sequential", "processes"):  # no mapped tasks: the curate task runs the units
         return str(curate_task(cfg, parent_run_id))
     plan = curate_plan_task(cfg)
     units: list[StageOutput] = []

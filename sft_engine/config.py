@@ -457,13 +457,19 @@ class RunnerConfig(Strict):
     every runner gives byte-identical outputs.
     """
 
-    kind: Literal["sequential", "threads", "dask", "ray"] = Field(
-        default="sequential",
-        description="sequential = in the flow's process, one unit after another; threads = a thread pool; "
-        "dask = a local Dask cluster of `workers` processes (or the scheduler at `address`); ray = local Ray with "
-        "`workers` CPUs (or the cluster at `address`). dask and ray need pip install -e '.[scale]'.",
+    kind: Literal["auto", "sequential", "processes", "threads", "dask", "ray"] = Field(
+        default="auto",
+        description="auto = processes when at least two units are to be computed from 32 MiB of files or more, else "
+        "sequential; sequential = in the flow's process, one unit after another; processes = a pool of `workers` local "
+        "processes inside the curate task (Python's row parsing holds the GIL, so threads barely help); threads = a "
+        "thread pool of mapped Prefect tasks; dask = a local Dask cluster of `workers` processes (or the scheduler at "
+        "`address`); ray = local Ray with `workers` CPUs (or the cluster at `address`). dask and ray need "
+        "pip install -e '.[scale]'.",
     )
-    workers: int = Field(default=2, ge=1, description="Threads, Dask worker processes or Ray CPUs of a local runner.")
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1,
+        description="Processes, threads, Dask worker processes or Ray CPUs of a local runner (default: this machine's cores).",
+    )
     address: str | None = Field(
         default=None,
         description="An existing cluster to use instead of a local one: a Dask scheduler (tcp://host:8786) or Ray (ray://host:10001).",

@@ -531,4 +531,42 @@ def run_curate(cfg: PipelineConfig) -> StageOutput:
     (same folders, same bytes).
     """
     plan = plan_curate(cfg)
-    return run_curate_global(cfg, plan, [run_curate_unit(cfg, u) for u in plan.units])
+    return run_curate_global(cfg, plan, run_curate_units(cfg, plan.units))
+
+
+# runner.kind=auto starts a process pool only for this much input: a worker costs ~1.5 s to start.
+AUTO_PARALLEL_BYTES = 32 << 20
+
+
+def unit_pool_size(cfg: PipelineConfig, units: Sequence[CurateUnit]) -> int:
+    """How many local processes ``run_curate_units`` runs these units on (1 = in this process): ``runner.workers``
+    for runner.kind=processes, and for auto when two or more units are to be computed from enough bytes of files."""
+    todo = [u for u in units if not is_complete(u.folder, cfg.verify_reuse)]
+    if cfg.runner.kind not in ("auto", "processes") or len(todo) < 2 or cfg.runner.workers < 2:
+        return 1
+    if cfg.runner.kind == "auto":
+        sources = {s.name: s for s in cfg.curate.sources}
+        size = 0
+        for u in todo:
+            files = u.files if u.files is not None else [] if sources[u.source].path is None else source_files(sources[u.source])
+            size += sum(Path(f).stat().st_size for f in files)
+        if size < AUTO_PARALLEL_BYTES:
+            return 1
+    return min(cfg.runner.workers, len(todo))
+
+
+def run_curate_units(cfg: PipelineConfig, units: Sequence[CurateUnit]) -> list[StageOutput]:
+    """``run_curate_unit`` for each unit, in order: here, or on a pool of local processes (``unit_pool_size``).
+
+    Workers are spawned, not forked (a fork copies Polars' thread pool in whatever state it is), and each writes
+    its own unit folder, so the folders and the bytes are the same either way.
+    """
+    workers = unit_pool_size(cfg, units)
+    if workers == 1:
+        return [run_curate_unit(cfg, u) for u in units]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {u: pool.submit(run_curate_unit, cfg, u) for u in units}
+        return [futures[u].result() for u in units]

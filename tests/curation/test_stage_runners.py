@@ -154,6 +154,25 @@ def test_a_tiny_memory_budget_spills_band_keys_by_partition_and_gives_the_same_b
     assert not list((tmp_path / "curate_dedup").glob(".tmp-*"))  # the spill lived in the published folder's temp
 
 
+def test_a_local_process_pool_gives_the_same_bytes(shard_data: Path, sequential: StageOutput, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    cfg = load_config(None, shard_overrides(shard_data, tmp_path / "p", "runner.kind=processes", "runner.workers=2"))
+    plan = curation.plan_curate(cfg)
+    assert curation.unit_pool_size(cfg, plan.units) == 2
+    pooled = curation.run_curate(cfg)
+    assert pooled.path.name == sequential.path.name
+    for name in OUTPUTS:
+        assert (pooled.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
+    # auto: a pool only for enough input (these 5 shards are ~60 KB), and never for a single unit.
+    auto = load_config(None, shard_overrides(shard_data, tmp_path / "a", "runner.workers=2"))
+    units = curation.plan_curate(auto).units
+    assert auto.runner.kind == "auto" and curation.unit_pool_size(auto, units) == 1
+    monkeypatch.setattr(curation, "AUTO_PARALLEL_BYTES", 1)
+    assert curation.unit_pool_size(auto, units) == 2
+    assert curation.unit_pool_size(auto, units[:1]) == 1
+    assert curation.unit_pool_size(auto, plan.units) == 1  # done units (the pooled run's) need no pool
+
+
 def test_a_new_shard_reuses_the_others(shard_data: Path, tmp_path: Path) -> None:
     data = write_shards(tmp_path / "data")
     first = curation.run_curate(load_config(None, shard_overrides(data, tmp_path / "w")))
