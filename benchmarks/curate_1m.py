@@ -17,12 +17,14 @@ The data (deterministic for a given --n and --seed):
   empty turn, wrong turn order) and ~0.5% refusals, so every curation step has work to do.
 
 Columns printed: rows in / kept and the drop counts by reason (from the stage's stats.json), wall seconds of the
-curation subprocess (interpreter start and imports included), rows/s, its CPU seconds (user + system: on a shared
-machine, wall time / CPU seconds shows how much of the 2 cores it got), peak RSS = ru_maxrss of that subprocess
-(os.wait4), tree PSS = peak summed PSS of its process tree, sampled every 0.5 s, and the 1-minute load average
-before and after.
+curation subprocess (interpreter start and imports included), rows/s, its CPU seconds (user + system, with the
+pool workers it waited for: CPU s / wall shows how many of the cores it kept busy), peak RSS = ru_maxrss of that
+subprocess and its workers (os.wait4: the largest single process), tree PSS = peak summed PSS of its process tree
+(the subprocess and its pool workers together), sampled every 0.5 s, and the 1-minute load average before and
+after. With several --n, a table of them all at the end.
 
     python benchmarks/curate_1m.py                          # 1,000,000 rows, 16 shards
+    python benchmarks/curate_1m.py --n 200000 1000000 3000000   # the scaling table (docs/benchmarks.md)
     python benchmarks/curate_1m.py --n 100000 --profile     # plus a cProfile of the curation
 """
 
@@ -245,34 +247,21 @@ def curate_side(args: argparse.Namespace) -> None:
                                   "near_dedup": {k: v for k, v in stats.get("near_dedup", {}).items() if k != "cluster_sizes"}}))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1_000_000, help="conversations")
-    p.add_argument("--shards", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="folder for the generated shards (default /tmp/sft_curate_<n>); reused when complete")
-    p.add_argument("--work", help="work dir of the curation run (default: a fresh temp dir, removed afterwards)")
-    p.add_argument("--set", action="append", default=[], help="extra config override for the curation, e.g. curate.near_dedup.enabled=false")
-    p.add_argument("--profile", action="store_true", help="print a cProfile of the curation (slows it down)")
-    p.add_argument("--side", choices=["curate"], help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.side == "curate":
-        curate_side(args)
-        return
-
+def measure(args: argparse.Namespace, n: int) -> dict:
+    """Generate (or reuse) n rows and curate them in a fresh subprocess; print the run and return its figures."""
     import psutil
     from _measure import tree_pss  # sibling module: scripts run as python benchmarks/<name>.py
 
-    data = Path(args.data or f"/tmp/sft_curate_{args.n}")
+    data = Path(args.data or f"/tmp/sft_curate_{n}")
     marker = data / "_generated.json"
-    if marker.exists() and json.loads(marker.read_text())["n"] == args.n and json.loads(marker.read_text())["seed"] == args.seed:
+    if marker.exists() and json.loads(marker.read_text())["n"] == n and json.loads(marker.read_text())["seed"] == args.seed:
         info = json.loads(marker.read_text())
         print(f"reusing {data}", file=sys.stderr)
     else:
         shutil.rmtree(data, ignore_errors=True)
         t = time.perf_counter()
-        info = generate(data, args.n, args.shards, args.seed)
-        print(f"generated {args.n} rows in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        info = generate(data, n, args.shards, args.seed)
+        print(f"generated {n} rows in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     size = sum(f.stat().st_size for f in data.iterdir())
     tokens = _count_tokens(data)
 
@@ -302,15 +291,43 @@ def main() -> None:
         sys.exit(f"curation failed (exit {os.waitstatus_to_exitcode(status)}):\n{stdout[-3000:]}")
     r = json.loads(line[len("RESULT "):])
     st = r["stats"]
+    cpu = ru.ru_utime + ru.ru_stime  # the subprocess and the pool workers it waited for
     tok = f", ~{tokens:.0f} tokens (SmolLM2, text only)" if tokens else ""
     print(f"data: {info['n']:,} conversations in {info['shards']} shards (JSONL messages + Parquet ShareGPT), {size / 2**30:.2f} GiB; "
           f"~{info['words_per_conv']:.0f} words, {info['chars_per_conv']:.0f} chars per conversation{tok}; planted {info['planted']}")
     print(f"curation (run_curate, fresh process, empty work dir): {wall:.1f} s wall ({r['seconds']:.1f} s in run_curate), "
-          f"{info['n'] / wall:,.0f} rows/s; {ru.ru_utime + ru.ru_stime:.0f} CPU s; peak RSS {ru.ru_maxrss / 2**20:.2f} GiB, "
-          f"tree PSS {tree_peak / 2**30:.2f} GiB; load average {load_before:.2f} before, {load_after:.2f} after")
+          f"{info['n'] / wall:,.0f} rows/s; {cpu:.0f} CPU s ({cpu / wall:.2f} per wall second); peak RSS of one process "
+          f"{ru.ru_maxrss / 2**20:.2f} GiB, tree PSS {tree_peak / 2**30:.2f} GiB; load average {load_before:.2f} before, "
+          f"{load_after:.2f} after")
     print(f"rows in {st['rows_in']:,}, kept {st['rows_kept']:,} (train {st['rows_train']:,}, held out {st['rows_heldout']:,}); "
           f"dropped {json.dumps(st['dropped_by_reason'])}")
-    print(f"near-dedup: {json.dumps(r['near_dedup'])}")
+    print(f"near-dedup: {json.dumps(r['near_dedup'])}", flush=True)
+    return {"rows": info["n"], "wall": wall, "cpu": cpu, "rss": ru.ru_maxrss / 2**20, "pss": tree_peak / 2**30,
+            "kept": st["rows_kept"], "dropped": sum(st["dropped_by_reason"].values())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[1_000_000], help="conversations (several sizes: one run each, one table)")
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="folder for the generated shards (default /tmp/sft_curate_<n>); reused when complete")
+    p.add_argument("--work", help="work dir of the curation run (default: a fresh temp dir, removed afterwards)")
+    p.add_argument("--set", action="append", default=[], help="extra config override for the curation, e.g. curate.near_dedup.enabled=false")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the curation (slows it down)")
+    p.add_argument("--side", choices=["curate"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side == "curate":
+        curate_side(args)
+        return
+    if args.data and len(args.n) > 1:
+        p.error("--data names one folder: give one --n with it")
+    rows = [measure(args, n) for n in args.n]
+    print("\n| rows | wall s | rows/s | CPU s | CPU s / wall | peak RSS, one process (GiB) | tree PSS (GiB) | kept | dropped |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['rows']:,} | {r['wall']:.1f} | {r['rows'] / r['wall']:,.0f} | {r['cpu']:.0f} | {r['cpu'] / r['wall']:.2f} | "
+              f"{r['rss']:.2f} | {r['pss']:.2f} | {r['kept']:,} | {r['dropped']:,} |")
 
 
 if __name__ == "__main__":
