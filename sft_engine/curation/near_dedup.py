@@ -341,7 +341,7 @@ def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
 
 
 # Peak bytes per (key, doc) entry while its partition is paired: the entry (16), the sort order (8), the sorted
-# copies (16), the group-start index (16) and the pair codes.
+# copies (16), the group heads (8), masks and the pair codes.
 BYTES_PER_KEY = 64
 
 
@@ -360,20 +360,20 @@ def partition_bits(entries: int, budget_bytes: int) -> int:
 
 
 def pairs_in_partition(key: np.ndarray, doc: np.ndarray, n: int) -> np.ndarray:
-    """Candidate pairs among entries that hold every copy of their keys, ``doc`` ascending within a key, as sorted
-    unique codes ``head * n + doc``: in each group of equal keys, its first (smallest) document with each other one."""
+    """Candidate pairs among entries that hold every copy of their keys, as sorted unique codes ``head * n + doc``:
+    in each group of equal keys, its smallest document with each other one."""
     if len(key) < 2:
         return np.zeros(0, dtype=np.int64)
-    order = np.argsort(key, kind="stable")
+    order = pl.Series(key).arg_sort().to_numpy()  # Polars' sort is multi-threaded; the head is a minimum, not the first
     key, doc = key[order], doc[order]
     del order
-    later = np.concatenate(([False], key[1:] == key[:-1]))  # not the first entry of its key
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
     del key
-    head = np.maximum.accumulate(np.where(later, 0, np.arange(len(doc))))[later]
-    heads, docs = doc[head], doc[later]
-    other = heads != docs  # the same document twice under one key (only if two of its bands' keys collide)
+    sizes = np.diff(np.append(starts, len(doc)))
+    heads = np.repeat(np.minimum.reduceat(doc, starts), sizes)
+    other = heads != doc  # every entry but its group's head (a group of one is its own head)
     # head-major codes: np.unique sorts them by (head, doc) and drops a pair found in several bands.
-    return np.unique(heads[other] * n + docs[other])
+    return np.unique(heads[other] * n + doc[other])
 
 
 def candidate_pairs(parts: Iterable[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
@@ -588,8 +588,10 @@ class _ShingleSets:
         sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate(([0], np.cumsum(sizes)))
         if self.file is None:
-            flat = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.uint64)
-            get = lambda d: flat[offsets[d]:offsets[d + 1]]
+            # Views into each block's array: no second copy of every set.
+            views = [part[a:b] for part, z in zip(self.parts, self.sizes, strict=True)
+                     for a, b in zip(np.cumsum(z) - z, np.cumsum(z), strict=True)]
+            get = views.__getitem__
         else:
             self.file.flush()
             fd = self.file.fileno()

@@ -20,6 +20,7 @@ import html
 import importlib.metadata
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,14 +294,17 @@ def _texts_by_key(plan: CuratePlan, want: pl.DataFrame, spans: list[tuple[Curate
     return got.sort("_want")["norm_text"]
 
 
-def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 16_384) -> None:
+def write_ordered(
+    outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 16_384, workers: int = 1
+) -> None:
     """For each ``dest: (keys, columns)``, write those columns of the rows ``keys`` names (source, row; in their order,
-    repeats kept; mark columns ``keys`` carries are taken from it) to ``dest``, holding one unit and one bucket of
-    output rows at a time, never the corpus.
+    repeats kept; mark columns ``keys`` carries are taken from it) to ``dest``, holding a few row groups per unit and
+    two buckets of output rows at a time, never the corpus.
 
     Pass 1 reads each unit once, for every output, and files the rows it owes into buckets of ``bucket_rows``
-    output positions (Arrow IPC scratch files); pass 2 writes each output's buckets in order, each sorted by
-    position. Small row groups let preparation stream the splits batch by batch.
+    output positions (Arrow IPC scratch files), ``workers`` units at a time (threads: Arrow and Polars release the
+    GIL); pass 2 writes each output's buckets in order, each sorted by position, the next bucket assembled while
+    one is compressed and written. Small row groups let preparation stream the splits batch by batch.
     """
     import pyarrow.parquet as pq
 
@@ -312,43 +316,61 @@ def write_ordered(outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: Cur
     ])
     marks = {i: [c for c in keys.columns if c not in KEY] for i, (keys, _) in enumerate(outputs.values())}
     content_cols = sorted({c for i, (_, cols) in enumerate(outputs.values()) for c in cols if c not in KEY and c not in marks[i]})
-    for u, (unit, lo, n) in enumerate(_unit_spans(plan)):
-        path = unit.folder / "rows.parquet"
+
+    filed: dict[tuple[int, int], list[Path]] = {}  # (output, bucket) -> its scratch files
+
+    def file_unit(u: int, unit: CurateUnit, lo: int, n: int) -> None:
         need = wanted.filter((pl.col("source") == unit.source) & pl.col("row").is_between(lo + 1, lo + n))
         if need.height == 0:
-            continue
+            return
         held: list[pl.DataFrame] = []
         flushes = 0
-        groups = _row_groups(path, [*KEY, *content_cols], lo, need["row"].unique())
+        groups = _row_groups(unit.folder / "rows.parquet", [*KEY, *content_cols], lo, need["row"].unique())
         for rows in (*groups, None):
             if rows is not None:
                 held.append(need.join(rows, on=KEY, how="inner"))
             # Filed a few row groups at a time: memory stays a few row groups, the scratch files stay few.
             if held and (rows is None or sum(p.height for p in held) >= bucket_rows // 2):
                 for (out, bucket), piece in pl.concat(held).partition_by("_out", "_bucket", as_dict=True).items():
-                    piece.write_ipc(scratch / f"{out}-{bucket:06d}-{u:05d}-{flushes:05d}.arrow", compression="uncompressed")
+                    path = scratch / f"{out}-{bucket:06d}-{u:05d}-{flushes:05d}.arrow"
+                    piece.write_ipc(path, compression="uncompressed")
+                    filed.setdefault((int(out), int(bucket)), []).append(path)  # dict.setdefault is atomic under the GIL
                 held, flushes = [], flushes + 1
-    for i, dest in enumerate(order):
-        keys, columns = outputs[dest]
-        mark_cols = keys.with_row_index("_pos").select("_pos", *marks[i]) if marks[i] else None
-        writer = None
-        try:
-            for bucket in range((keys.height + bucket_rows - 1) // bucket_rows):
-                files = sorted(scratch.glob(f"{i}-{bucket:06d}-*.arrow"))
-                frame = pl.concat([pl.read_ipc(f) for f in files]).sort("_pos")
-                if mark_cols is not None:
-                    frame = frame.join(mark_cols, on="_pos", how="left", maintain_order="left")
-                table = frame.select(columns).to_arrow()
-                writer = writer or pq.ParquetWriter(dest, table.schema, compression="zstd")
-                writer.write_table(table, row_group_size=ROW_GROUP)
-                for f in files:
-                    f.unlink()
-            if writer is None:  # no rows: an empty file with the columns' types
-                types = pl.scan_parquet(plan.units[0].folder / "rows.parquet").select([*KEY, *content_cols]).collect_schema()
-                keys.clear().join(pl.DataFrame(schema=dict(types)), on=KEY, how="left").select(columns).write_parquet(dest)
-        finally:
-            if writer is not None:
-                writer.close()
+
+    spans = _unit_spans(plan)
+    with ThreadPoolExecutor(max(1, min(workers, len(spans)))) as pool:
+        for done in [pool.submit(file_unit, u, *span) for u, span in enumerate(spans)]:
+            done.result()
+
+    def bucket_table(i: int, bucket: int, columns: list[str], mark_cols: pl.DataFrame | None) -> tuple[Any, list[Path]]:
+        files = sorted(filed.get((i, bucket), []))
+        frame = pl.concat([pl.read_ipc(f) for f in files]).sort("_pos")
+        if mark_cols is not None:
+            frame = frame.join(mark_cols, on="_pos", how="left", maintain_order="left")
+        return frame.select(columns).to_arrow(), files
+
+    with ThreadPoolExecutor(1) as ahead:
+        for i, dest in enumerate(order):
+            keys, columns = outputs[dest]
+            mark_cols = keys.with_row_index("_pos").select("_pos", *marks[i]) if marks[i] else None
+            buckets = (keys.height + bucket_rows - 1) // bucket_rows
+            writer = None
+            try:
+                upcoming = ahead.submit(bucket_table, i, 0, columns, mark_cols) if buckets else None
+                for bucket in range(buckets):
+                    assert upcoming is not None
+                    table, files = upcoming.result()
+                    upcoming = ahead.submit(bucket_table, i, bucket + 1, columns, mark_cols) if bucket + 1 < buckets else None
+                    writer = writer or pq.ParquetWriter(dest, table.schema, compression="zstd")
+                    writer.write_table(table, row_group_size=ROW_GROUP)
+                    for f in files:
+                        f.unlink()
+                if writer is None:  # no rows: an empty file with the columns' types
+                    types = pl.scan_parquet(plan.units[0].folder / "rows.parquet").select([*KEY, *content_cols]).collect_schema()
+                    keys.clear().join(pl.DataFrame(schema=dict(types)), on=KEY, how="left").select(columns).write_parquet(dest)
+            finally:
+                if writer is not None:
+                    writer.close()
     scratch.rmdir()
 
 
@@ -501,7 +523,7 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
             tmp / "train.parquet": (train, CANONICAL_COLUMNS),
             tmp / "heldout.parquet": (heldout, CANONICAL_COLUMNS),
             tmp / "rejected.parquet": (rejected, REJECTED_COLUMNS),
-        }, plan, tmp / "_buckets")
+        }, plan, tmp / "_buckets", workers=cfg.runner.workers)
         stats["drop_samples"] = _drop_samples(tmp / "rejected.parquet", tmp / "drop_samples", cfg.seed)
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
         plots.overlaid_histograms(
