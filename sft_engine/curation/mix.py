@@ -44,42 +44,62 @@ def mix_train(kept: pl.DataFrame, sources: list[SourceConfig], seed: int) -> pl.
     return pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
 
 
-def _repairs(kept: pl.DataFrame) -> dict[str, int]:
-    """Kept rows per kind of repair (a row repaired twice over counts once per kind)."""
-    if "repairs" not in kept.columns:
-        return {}
-    return dict(kept.select(pl.col("repairs").explode().drop_nulls()).group_by("repairs").len().sort("repairs").rows())
-
-
 def curation_stats(curated: pl.DataFrame, mixed: pl.DataFrame, source_names: list[str]) -> dict[str, Any]:
     """Counts per source (every configured one, even if empty), per drop reason and per repair; the balance
-    rows_in = kept + dropped always holds, and repaired rows are kept rows."""
-    by_reason = curated.filter(pl.col("drop_reason").is_not_null()).group_by("drop_reason").len().sort("drop_reason").rows()
+    rows_in = kept + dropped always holds, and repaired rows are kept rows.
+
+    From a few lazy group-bys, so the marks of millions of rows are never copied per source or per reason."""
+    lf = curated.lazy()
+    cells = lf.group_by("source", "drop_reason", "split").len().collect().rows()  # a handful of rows
+    kept_rows = lf.filter(pl.col("drop_reason").is_null())
+    repairs: list[tuple[str, str, int]] = []
+    repaired = 0
+    if "repairs" in curated.columns:
+        # A kept row per kind of repair (a row repaired twice over counts once per kind).
+        repairs = (kept_rows.select("source", "repairs").explode("repairs").drop_nulls("repairs")
+                   .group_by("source", "repairs").len().collect().rows())
+        repaired = kept_rows.filter(pl.col("repairs").list.len() > 0).select(pl.len()).collect().item()
+    mixed_rows = dict(mixed.group_by("source").len().rows())
+
+    def count(source: str | None = None, kept: bool | None = None, split: str | None = None) -> int:
+        return sum(n for src, reason, sp, n in cells if (source is None or src == source) and (kept is None or (reason is None) == kept)
+                   and (split is None or sp == split))
+
+    def by_reason(source: str | None = None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for src, reason, _, n in cells:
+            if reason is not None and (source is None or src == source):
+                out[reason] = out.get(reason, 0) + n
+        return dict(sorted(out.items()))
+
+    def by_repair(source: str | None = None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for src, kind, n in repairs:
+            if source is None or src == source:
+                out[kind] = out.get(kind, 0) + n
+        return dict(sorted(out.items()))
+
     per_source: dict[str, Any] = {}
     for name in source_names:
-        grp = curated.filter(pl.col("source") == name)
-        dropped = grp.filter(pl.col("drop_reason").is_not_null())
-        kept = grp.filter(pl.col("drop_reason").is_null())
         per_source[str(name)] = {
-            "rows_in": grp.height,
-            "rows_kept": kept.height,
-            "rows_dropped": dropped.height,
-            "kept_train": kept.filter(pl.col("split") == "train").height,
-            "kept_heldout": kept.filter(pl.col("split") == "heldout").height,
-            "dropped_by_reason": dict(dropped.group_by("drop_reason").len().sort("drop_reason").rows()),
-            "repaired_by_kind": _repairs(kept),
-            "mixed_train_rows": mixed.filter(pl.col("source") == name).height,
+            "rows_in": count(name),
+            "rows_kept": count(name, kept=True),
+            "rows_dropped": count(name, kept=False),
+            "kept_train": count(name, kept=True, split="train"),
+            "kept_heldout": count(name, kept=True, split="heldout"),
+            "dropped_by_reason": by_reason(name),
+            "repaired_by_kind": by_repair(name),
+            "mixed_train_rows": mixed_rows.get(name, 0),
         }
-    kept_all = curated.filter(pl.col("drop_reason").is_null())
     stats = {
         "rows_in": curated.height,
-        "rows_kept": kept_all.height,
-        "rows_dropped": curated.height - kept_all.height,
-        "dropped_by_reason": dict(by_reason),
-        "repaired_by_kind": _repairs(kept_all),
-        "rows_repaired": int(kept_all.filter(pl.col("repairs").list.len() > 0).height) if "repairs" in kept_all.columns else 0,
-        "rows_train": kept_all.filter(pl.col("split") == "train").height,
-        "rows_heldout": kept_all.filter(pl.col("split") == "heldout").height,
+        "rows_kept": count(kept=True),
+        "rows_dropped": count(kept=False),
+        "dropped_by_reason": by_reason(),
+        "repaired_by_kind": by_repair(),
+        "rows_repaired": int(repaired),
+        "rows_train": count(kept=True, split="train"),
+        "rows_heldout": count(kept=True, split="heldout"),
         "rows_train_mixed": mixed.height,
         "per_source": per_source,
     }

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,7 @@ def _texts_by_key(plan: CuratePlan, want: pl.DataFrame, spans: list[tuple[Curate
 
 
 def write_ordered(
-    outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 16_384, workers: int = 1
+    outputs: dict[Path, tuple[pl.DataFrame, list[str]]], plan: CuratePlan, scratch: Path, bucket_rows: int = 8_192, workers: int = 1
 ) -> None:
     """For each ``dest: (keys, columns)``, write those columns of the rows ``keys`` names (source, row; in their order,
     repeats kept; mark columns ``keys`` carries are taken from it) to ``dest``, holding a few row groups per unit and
@@ -479,6 +480,27 @@ def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path) -> tuple[
     return marks.select(MARK_COLUMNS), near_info
 
 
+# runner.kind auto / processes computes the dedup marks of this many rows or more in a child process.
+DEDUP_CHILD_ROWS = 250_000
+
+
+def _dedup_in_child(cfg: PipelineConfig, plan: CuratePlan) -> bool:
+    """Whether the dedup marks are computed in a spawned child: for a large corpus on a local-process runner, so the
+    dedup's high-water mark (its allocators keep what they freed) is returned before the outputs are written."""
+    if cfg.runner.kind not in ("auto", "processes"):
+        return False
+    return sum(n for _, _, n in _unit_spans(plan)) >= DEDUP_CHILD_ROWS
+
+
+def publish_dedup(cfg: PipelineConfig, plan: CuratePlan) -> None:
+    """Compute and publish ``plan.dedup`` (marks.parquet, near_dedup.json) atomically, unless another run did."""
+    with atomic_dir(plan.dedup, cfg.verify_reuse) as tmp:
+        if tmp is not None:  # else another run published the same marks first
+            marks, near_info = _dedup_marks(cfg, plan, tmp / "_spill")
+            marks.write_parquet(tmp / "marks.parquet")
+            write_json_atomic(tmp / "near_dedup.json", near_info)
+
+
 def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[StageOutput]) -> StageOutput:
     """Curation's global step over the finished unit folders: exact and near dedup across every source
     and shard plus the held-out split (``curate_dedup/``: one row of marks per input row), then mixing,
@@ -505,12 +527,11 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
         "dedup_reused": is_complete(plan.dedup),
     }
     if not cache["dedup_reused"]:
-        with atomic_dir(plan.dedup, cfg.verify_reuse) as tmp:
-            if tmp is not None:  # else another run published the same marks first
-                marks, near_info = _dedup_marks(cfg, plan, tmp / "_spill")
-                marks.write_parquet(tmp / "marks.parquet")
-                write_json_atomic(tmp / "near_dedup.json", near_info)
-                del marks
+        if _dedup_in_child(cfg, plan):
+            with _spawned_pool(1) as pool:
+                pool.submit(publish_dedup, cfg, plan).result()
+        else:
+            publish_dedup(cfg, plan)
     out = plan.out
     marks = pl.read_parquet(plan.dedup / "marks.parquet")
     train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
@@ -577,6 +598,25 @@ def unit_pool_size(cfg: PipelineConfig, units: Sequence[CurateUnit]) -> int:
     return min(cfg.runner.workers, len(todo))
 
 
+@contextmanager
+def _spawned_pool(workers: int) -> Iterator[Any]:
+    """A pool of spawned processes; a worker that dies (most often: the calling script re-runs itself in every
+    spawned worker) becomes an error that names the fix."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            "a curation worker process died. runner.kind=auto or processes spawns workers that import the script "
+            "you ran: put its entry under `if __name__ == \"__main__\":`, or set runner.kind=sequential "
+            "(also check the machine's memory: a worker killed for memory ends the same way)"
+        ) from exc
+
+
 def run_curate_units(cfg: PipelineConfig, units: Sequence[CurateUnit]) -> list[StageOutput]:
     """``run_curate_unit`` for each unit, in order: here, or on a pool of local processes (``unit_pool_size``).
 
@@ -586,9 +626,6 @@ def run_curate_units(cfg: PipelineConfig, units: Sequence[CurateUnit]) -> list[S
     workers = unit_pool_size(cfg, units)
     if workers == 1:
         return [run_curate_unit(cfg, u) for u in units]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with _spawned_pool(workers) as pool:
         futures = {u: pool.submit(run_curate_unit, cfg, u) for u in units}
         return [futures[u].result() for u in units]

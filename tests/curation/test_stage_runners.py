@@ -159,7 +159,9 @@ def test_a_local_process_pool_gives_the_same_bytes(shard_data: Path, sequential:
     cfg = load_config(None, shard_overrides(shard_data, tmp_path / "p", "runner.kind=processes", "runner.workers=2"))
     plan = curation.plan_curate(cfg)
     assert curation.unit_pool_size(cfg, plan.units) == 2
+    monkeypatch.setattr(curation, "DEDUP_CHILD_ROWS", 100)  # 130 rows: the dedup marks are computed in a child too
     pooled = curation.run_curate(cfg)
+    assert curation._dedup_in_child(cfg, plan)
     assert pooled.path.name == sequential.path.name
     for name in OUTPUTS:
         assert (pooled.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
