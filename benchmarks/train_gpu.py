@@ -22,6 +22,13 @@ micro_batch x grad_accum x seq_len (packed rows, pad slots included, on both sid
 
     python benchmarks/train_gpu.py --device cpu                          # small CPU run (seq 1024, 6 steps)
     python benchmarks/train_gpu.py --model /path/to/hf_folder            # GPU: a local 0.5-1B HF folder
+    python benchmarks/train_gpu.py --model-config benchmarks/model_configs/llama-3.2-1b.json   # GPU, random weights
+
+``--model-config`` builds the model from a real published ``config.json`` with random weights (seeded, saved once,
+loaded by both sides): tokens/s, MFU and memory do not depend on the weights' values, and nothing comes from the hub.
+Its vocabulary must cover the data's token ids (those configs' 128-152k do; the data is tokenized by ``--model``'s
+tokenizer, the packaged SmolLM2's by default). ``--data`` trains on an already prepared ``train.arrow`` (its
+``manifest.json`` beside it), e.g. one built on another machine, so the GPU box needs no curation inputs.
 """
 
 from __future__ import annotations
@@ -181,6 +188,29 @@ def build_data(model: str, seq_len: int, work: Path) -> tuple[Path, Path, dict]:
     return resolve_model(cfg.model), prepared / "train.arrow", json.loads((prepared / "manifest.json").read_text())
 
 
+def random_init_model(config_file: Path, tokenizer_dir: Path, out: Path, seed: int, device: str) -> Path:
+    """A Hugging Face folder with ``config_file``'s architecture, random weights (bf16, seeded) and ``tokenizer_dir``'s
+    tokenizer files."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(config_file.read_text())
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    print(f"model: {config_file.name} ({config.model_type}, {n_params / 1e6:,.1f} M parameters), random weights (seed {seed})")
+    return out
+
+
 def pick_attn(device: str, requested: str) -> tuple[str, str]:
     """(ours, TRL's) attention: the same kernel when one is named; with auto, ours resolves its own default
     (train.attn_implementation=auto: FlashAttention 2 if installed on a GPU, else sdpa_varlen) and TRL gets
@@ -211,6 +241,10 @@ def run_side(side: str, spec_file: Path, device: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (packaged) or a local Hugging Face folder")
+    p.add_argument("--model-config", type=Path, help="a model config.json: train that architecture with random weights "
+                   "(and --model's tokenizer) instead of --model's weights")
+    p.add_argument("--data", type=Path, help="an already prepared train.arrow (manifest.json beside it) instead of curating "
+                   "and preparing conf/demo.yaml's data here")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seq-len", type=int, help="packed row length (default 2048 on GPU, 1024 on CPU)")
     p.add_argument("--steps", type=int, help="optimizer steps per side (default 20 GPU, 4 CPU)")
@@ -254,10 +288,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp) / "work"
         t = time.perf_counter()
-        model_dir, data_path, manifest = build_data(args.model, seq_len, work)
+        if args.data:
+            from sft_engine.model import resolve_model
+
+            data_path, manifest = args.data, json.loads((args.data.parent / "manifest.json").read_text())
+            model_dir = Path(args.model) if Path(args.model).is_dir() else resolve_model(args.model)
+        else:
+            model_dir, data_path, manifest = build_data(args.model, seq_len, work)
         from sft_engine.data import PackedDataset
 
-        n_rows = len(PackedDataset(data_path))
+        packed = PackedDataset(data_path)
+        n_rows = len(packed)
+        if packed[0]["input_ids"].shape[0] != seq_len:
+            raise SystemExit(f"--data rows are {packed[0]['input_ids'].shape[0]} tokens long, not --seq-len {seq_len}")
+        if args.model_config:
+            model_dir = random_init_model(args.model_config, model_dir, Path(tmp) / "random_model", args.seed, device)
+            vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+            top = max(int(packed[i]["input_ids"].max()) for i in range(n_rows))
+            if top >= vocab:
+                raise SystemExit(f"--model-config's vocab_size {vocab} does not cover the data's token id {top}")
         print(f"data: {n_rows} packed rows of {seq_len} (fill {100 * manifest['splits']['train']['fill']:.1f}%), "
               f"built in {time.perf_counter() - t:.0f}s; model {model_dir}")
         spec = {
@@ -268,12 +317,14 @@ def main() -> None:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(spec))
         results = {side: run_side(side, spec_file, device) for side in ("ours", "trl")}
+        from transformers import AutoConfig
 
-    from transformers import AutoConfig
+        model_config = AutoConfig.from_pretrained(model_dir)
+    model_name = args.model_config.stem + " (random weights)" if args.model_config else Path(str(model_dir)).name
 
     from sft_engine.train import PEAK_BF16_FLOPS, flops_per_token
 
-    fpt = flops_per_token(AutoConfig.from_pretrained(model_dir), seq_len)
+    fpt = flops_per_token(model_config, seq_len)
     peak = None
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -290,7 +341,7 @@ def main() -> None:
         r["cpu_busy"] = (cpu[-1] - cpu[warmup - 1]) / sum(timed) / r["threads"]
 
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{Path(str(model_dir)).name} on {dev}: seq_len {seq_len}, micro_batch {mb} x grad_accum {ga} = {tokens_per_step} "
+    print(f"{model_name} on {dev}: seq_len {seq_len}, micro_batch {mb} x grad_accum {ga} = {tokens_per_step} "
           f"tokens/step, {steps} steps ({warmup} warm-up not timed), {precision}, attn ours {attn_ours} / TRL {attn_trl}, ours train.zero_stage={args.zero_stage}, "
           f"lm_head_chunk {args.lm_head_chunk or 'off'}")
     mem = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
@@ -312,7 +363,7 @@ def main() -> None:
           f"(median step {o['tokens_per_s_median_step'] / t_['tokens_per_s_median_step']:.2f}x), "
           f"peak memory {o['peak_memory_gb'] / t_['peak_memory_gb']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": dev, "spec": {k: v for k, v in spec.items() if k != "order"},
+        Path(args.json).write_text(json.dumps({"model": model_name, "device": dev, "spec": {k: v for k, v in spec.items() if k != "order"},
                                                "warmup": warmup, "flops_per_token": fpt, "results": results}, indent=1))
 
 
