@@ -359,7 +359,8 @@ def engine_heldout_loss(engine: Any, data: PackedDataset, micro_batch_size: int,
 
     n = len(data) if max_rows is None else min(len(data), max_rows)
     engine.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
+    # Collectives run on the engine's device: NCCL has no CPU tensors.
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
     # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
     per_rank = math.ceil(n / world)
     for start in range(0, per_rank, micro_batch_size):
@@ -369,7 +370,7 @@ def engine_heldout_loss(engine: Any, data: PackedDataset, micro_batch_size: int,
         out = engine(input_ids=batch["input_ids"].to(engine.device), position_ids=batch["position_ids"].to(engine.device), use_cache=False)
         if real:
             keep = torch.tensor([i < n for i in idx])
-            sums[0] += float(token_loss_sum(out.logits[keep], batch["labels"][keep]))
+            sums[0] += float(token_loss_sum(out.logits[keep.to(out.logits.device)], batch["labels"][keep]))
             sums[1] += supervised_count(batch["labels"][keep])
     torch.distributed.all_reduce(sums)
     engine.train()
@@ -465,7 +466,7 @@ def train(
             window = [next(batches) for _ in range(cfg.grad_accum)]
             counts = torch.tensor(
                 [sum(supervised_count(b["labels"]) for b in window), sum(sample_count(b["labels"], b["position_ids"]) for b in window)],
-                dtype=torch.float64,
+                dtype=torch.float64, device=engine.device,  # NCCL reduces device tensors only
             )
             torch.distributed.all_reduce(counts)
             n_tokens, n_samples = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
@@ -482,7 +483,7 @@ def train(
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
                 engine.step()
                 loss_sum += float(part.detach())
-            total = torch.tensor([loss_sum], dtype=torch.float64)
+            total = torch.tensor([loss_sum], dtype=torch.float64, device=engine.device)
             torch.distributed.all_reduce(total)
             loss = float(total.item()) / denom
             dt = time.perf_counter() - t0

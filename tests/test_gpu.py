@@ -20,6 +20,21 @@ from sft_engine.packing import pack_rows
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
 
 
+@pytest.fixture(scope="module")
+def packed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conftest's packed rows without decontamination: the GPU image lacks the evaluation sets' data packages."""
+    from sft_engine import stages
+    from sft_engine.config import load_config
+    from sft_engine.curation import stage as curation
+
+    cfg = load_config(None, [
+        f"work_dir={tmp_path_factory.mktemp('gpu_packed')}", f"model={tiny_model}",
+        "curate.sources=[{name: tasks, builtin: verifiable_tasks, limit: 200}]", "prepare.max_seq_len=128",
+        "curate.heldout_fraction=0.0", "curate.decontaminate.include_evaluation_sets=false",
+    ])
+    return stages.run_prepare(cfg, curation.run_curate(cfg).path).path / "train.arrow"
+
+
 def _packed(samples: list[tuple], max_seq_len: int) -> dict[str, torch.Tensor]:
     rows = pack_rows([s[0] for s in samples], [s[1] for s in samples], [list(range(len(samples)))], max_seq_len, pad_id=0)
     return collate([{k: v[0] if k in ("num_pad", "weights") else v[0].astype(np.int64) for k, v in rows.items()}])
