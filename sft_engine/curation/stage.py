@@ -302,11 +302,12 @@ def write_ordered(
     repeats kept; mark columns ``keys`` carries are taken from it) to ``dest``, holding a few row groups per unit and
     two buckets of output rows at a time, never the corpus.
 
-    Pass 1 reads each unit once, for every output, and files the rows it owes into buckets of ``bucket_rows``
-    output positions (Arrow IPC scratch files), ``workers`` units at a time (threads: Arrow and Polars release the
-    GIL); pass 2 writes each output's buckets in order, each sorted by position, the next bucket assembled while
-    one is compressed and written. Small row groups let preparation stream the splits batch by batch.
+    Pass 1 reads each unit once, for every output, and files the rows it owes, ``2 * bucket_rows`` at a time, into
+    Arrow IPC scratch files with one record batch per bucket of ``bucket_rows`` output positions, ``workers`` units at
+    a time (threads: Arrow and Polars release the GIL); pass 2 writes each output's buckets in order, reading each
+    bucket's batches back and sorting them by position, the next bucket assembled while one is compressed and written. Small row groups let preparation stream the splits batch by batch.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     scratch.mkdir(exist_ok=True)
@@ -318,7 +319,25 @@ def write_ordered(
     marks = {i: [c for c in keys.columns if c not in KEY] for i, (keys, _) in enumerate(outputs.values())}
     content_cols = sorted({c for i, (_, cols) in enumerate(outputs.values()) for c in cols if c not in KEY and c not in marks[i]})
 
-    filed: dict[tuple[int, int], list[Path]] = {}  # (output, bucket) -> its scratch files
+    # (output, bucket) -> where its rows are: (scratch file, first record batch, batch count)
+    filed: dict[tuple[int, int], list[tuple[Path, int, int]]] = {}
+    files: dict[int, list[Path]] = {i: [] for i in range(len(order))}
+
+    def flush(held: list[pl.DataFrame], u: int, flushes: int) -> None:
+        # One scratch file per output and flush, its rows sorted by position in one record batch per bucket: the
+        # mixed order scatters a flush over every bucket, and a file per bucket made N^2 / bucket_rows tiny files.
+        for (out,), part in pl.concat(held).sort("_out", "_pos").partition_by("_out", as_dict=True, maintain_order=True).items():
+            path = scratch / f"{out}-{u:05d}-{flushes:05d}.arrow"
+            table = part.rechunk().to_arrow()
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                start = index = 0
+                for bucket, n in part.group_by("_bucket", maintain_order=True).len().iter_rows():
+                    batches = table.slice(start, n).to_batches()
+                    for batch in batches:
+                        writer.write_batch(batch)
+                    filed.setdefault((int(out), int(bucket)), []).append((path, index, len(batches)))  # atomic under the GIL
+                    start, index = start + n, index + len(batches)
+            files[int(out)].append(path)
 
     def file_unit(u: int, unit: CurateUnit, lo: int, n: int) -> None:
         need = wanted.filter((pl.col("source") == unit.source) & pl.col("row").is_between(lo + 1, lo + n))
@@ -331,11 +350,8 @@ def write_ordered(
             if rows is not None:
                 held.append(need.join(rows, on=KEY, how="inner"))
             # Filed a few row groups at a time: memory stays a few row groups, the scratch files stay few.
-            if held and (rows is None or sum(p.height for p in held) >= bucket_rows // 2):
-                for (out, bucket), piece in pl.concat(held).partition_by("_out", "_bucket", as_dict=True).items():
-                    path = scratch / f"{out}-{bucket:06d}-{u:05d}-{flushes:05d}.arrow"
-                    piece.write_ipc(path, compression="uncompressed")
-                    filed.setdefault((int(out), int(bucket)), []).append(path)  # dict.setdefault is atomic under the GIL
+            if held and (rows is None or sum(p.height for p in held) >= 2 * bucket_rows):
+                flush(held, u, flushes)
                 held, flushes = [], flushes + 1
 
     spans = _unit_spans(plan)
@@ -343,12 +359,17 @@ def write_ordered(
         for done in [pool.submit(file_unit, u, *span) for u, span in enumerate(spans)]:
             done.result()
 
-    def bucket_table(i: int, bucket: int, columns: list[str], mark_cols: pl.DataFrame | None) -> tuple[Any, list[Path]]:
-        files = sorted(filed.get((i, bucket), []))
-        frame = pl.concat([pl.read_ipc(f) for f in files]).sort("_pos")
+    def bucket_table(i: int, bucket: int, columns: list[str], mark_cols: pl.DataFrame | None) -> Any:
+        batches = []
+        for path, first, count in sorted(filed.get((i, bucket), [])):
+            with pa.OSFile(str(path)) as source:  # read, not mapped: mapped pages would count as this process's memory
+                reader = pa.ipc.open_file(source)
+                batches.extend(reader.get_batch(first + k) for k in range(count))
+        frame = pl.from_arrow(pa.Table.from_batches(batches)).sort("_pos")
+        assert isinstance(frame, pl.DataFrame)
         if mark_cols is not None:
             frame = frame.join(mark_cols, on="_pos", how="left", maintain_order="left")
-        return frame.select(columns).to_arrow(), files
+        return frame.select(columns).to_arrow()
 
     with ThreadPoolExecutor(1) as ahead:
         for i, dest in enumerate(order):
@@ -358,14 +379,19 @@ def write_ordered(
             writer = None
             try:
                 upcoming = ahead.submit(bucket_table, i, 0, columns, mark_cols) if buckets else None
+                pending: list[Any] = []  # rows not yet in a row group: row groups of ROW_GROUP rows whatever the buckets
                 for bucket in range(buckets):
                     assert upcoming is not None
-                    table, files = upcoming.result()
+                    pending.append(upcoming.result())
                     upcoming = ahead.submit(bucket_table, i, bucket + 1, columns, mark_cols) if bucket + 1 < buckets else None
+                    table = pa.concat_tables(pending)
+                    ready = table.num_rows if upcoming is None else table.num_rows // ROW_GROUP * ROW_GROUP
                     writer = writer or pq.ParquetWriter(dest, table.schema, compression="zstd")
-                    writer.write_table(table, row_group_size=ROW_GROUP)
-                    for f in files:
-                        f.unlink()
+                    if ready:
+                        writer.write_table(table.slice(0, ready).combine_chunks(), row_group_size=ROW_GROUP)
+                    pending = [table.slice(ready)]
+                for f in files[i]:
+                    f.unlink()
                 if writer is None:  # no rows: an empty file with the columns' types
                     types = pl.scan_parquet(plan.units[0].folder / "rows.parquet").select([*KEY, *content_cols]).collect_schema()
                     keys.clear().join(pl.DataFrame(schema=dict(types)), on=KEY, how="left").select(columns).write_parquet(dest)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from sft_engine.config import ConfigError, config_to_dict, load_config
@@ -153,6 +154,33 @@ def test_a_tiny_memory_budget_spills_band_keys_by_partition_and_gives_the_same_b
         assert (tiny.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
     assert not list((tmp_path / "curate_dedup").glob(".tmp-*"))  # the spill lived in the published folder's temp
 
+
+def test_outputs_written_in_tiny_buckets_have_the_same_bytes(shard_data: Path, sequential: StageOutput,
+                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Buckets of 4 output positions and flushes of 8 rows: every scratch file holds a record batch for many buckets,
+    # every bucket is gathered from several files and units, and the mixed train order crosses them all.
+    real, batches = curation.write_ordered, []
+
+    def tiny(outputs, plan, scratch, bucket_rows=8_192, workers=1):
+        real_get = pa.ipc.RecordBatchFileReader.get_batch
+
+        def counted(self, i):
+            batches.append(i)
+            return real_get(self, i)
+
+        with monkeypatch.context() as m:
+            m.setattr(pa.ipc.RecordBatchFileReader, "get_batch", counted)
+            real(outputs, plan, scratch, bucket_rows=4, workers=workers)
+
+    monkeypatch.setattr(curation, "write_ordered", tiny)
+    small = curation.run_curate(load_config(None, shard_overrides(shard_data, tmp_path)))
+    assert small.path.name == sequential.path.name
+    for name in OUTPUTS:
+        assert (small.path / name).read_bytes() == (sequential.path / name).read_bytes(), name
+    stats = json.loads((small.path / "stats.json").read_text())
+    # Each bucket of 4 rows gathers batches from several flush files: more batch reads than buckets.
+    assert len(batches) > (stats["rows_train_mixed"] + stats["rows_heldout"] + stats["rows_dropped"]) // 4
+    assert not (small.path / "_buckets").exists()
 
 def test_a_local_process_pool_gives_the_same_bytes(shard_data: Path, sequential: StageOutput, monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
