@@ -18,7 +18,9 @@ from __future__ import annotations
 import glob
 import html
 import importlib.metadata
+import itertools
 import json
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -340,15 +342,18 @@ def write_ordered(
             files[int(out)].append(path)
 
     def file_unit(u: int, unit: CurateUnit, lo: int, n: int) -> None:
-        need = wanted.filter((pl.col("source") == unit.source) & pl.col("row").is_between(lo + 1, lo + n))
+        need = wanted.filter((pl.col("source") == unit.source) & pl.col("row").is_between(lo + 1, lo + n)).sort("row")
         if need.height == 0:
             return
         held: list[pl.DataFrame] = []
         flushes = 0
         groups = _row_groups(unit.folder / "rows.parquet", [*KEY, *content_cols], lo, need["row"].unique())
-        for rows in (*groups, None):
+        for rows in itertools.chain(groups, [None]):  # not (*groups, None): that reads every row group first
             if rows is not None:
-                held.append(need.join(rows, on=KEY, how="inner"))
+                # Joined with the rows this row group holds only: a join with the whole unit's wanted rows builds
+                # its table over them at every row group, and units grow with the corpus.
+                first, last = need["row"].search_sorted(rows["row"].min(), side="left"), need["row"].search_sorted(rows["row"].max(), side="right")
+                held.append(need.slice(first, last - first).join(rows, on=KEY, how="inner"))
             # Filed a few row groups at a time: memory stays a few row groups, the scratch files stay few.
             if held and (rows is None or sum(p.height for p in held) >= 2 * bucket_rows):
                 flush(held, u, flushes)
@@ -506,13 +511,14 @@ def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path) -> tuple[
     return marks.select(MARK_COLUMNS), near_info
 
 
-# runner.kind auto / processes computes the dedup marks of this many rows or more in a child process.
+# runner.kind auto / processes computes the dedup marks and plans the outputs of this many rows or more in child processes.
 DEDUP_CHILD_ROWS = 250_000
 
 
 def _dedup_in_child(cfg: PipelineConfig, plan: CuratePlan) -> bool:
-    """Whether the dedup marks are computed in a spawned child: for a large corpus on a local-process runner, so the
-    dedup's high-water mark (its allocators keep what they freed) is returned before the outputs are written."""
+    """Whether the dedup marks are computed, and the outputs planned, in spawned children: for a large corpus on a
+    local-process runner, so each step's high-water mark (Polars' allocator keeps what it freed: ~0.6 GiB after
+    planning 3M rows, which it would carry into writing the outputs) is returned when the step ends."""
     if cfg.runner.kind not in ("auto", "processes"):
         return False
     return sum(n for _, _, n in _unit_spans(plan)) >= DEDUP_CHILD_ROWS
@@ -525,6 +531,28 @@ def publish_dedup(cfg: PipelineConfig, plan: CuratePlan) -> None:
             marks, near_info = _dedup_marks(cfg, plan, tmp / "_spill")
             marks.write_parquet(tmp / "marks.parquet")
             write_json_atomic(tmp / "near_dedup.json", near_info)
+
+
+# Where plan_into leaves the keys of each output, inside the output folder's temp, until the outputs are written.
+PLAN_DIR = "_plan"
+
+
+def plan_into(cfg: PipelineConfig, plan: CuratePlan, folder: Path) -> dict[str, Any]:
+    """Plan the outputs from the published marks (``plan_outputs``): the keys of each output, in order, as
+    ``<folder>/_plan/{train,heldout,rejected}.parquet``, and the length plot; returns the stats."""
+    marks = pl.read_parquet(plan.dedup / "marks.parquet")
+    train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
+    (folder / PLAN_DIR).mkdir()
+    for name, frame in (("train", train), ("heldout", heldout), ("rejected", rejected)):
+        frame.write_parquet(folder / PLAN_DIR / f"{name}.parquet", compression="lz4")
+    plots.overlaid_histograms(
+        {
+            "read": marks["n_chars"].drop_nulls().to_numpy(),
+            "kept": marks.filter(pl.col("drop_reason").is_null())["n_chars"].drop_nulls().to_numpy(),
+        },
+        folder / "lengths_before_after.png", "Conversation length before and after curation", "characters",
+    )
+    return stats
 
 
 def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[StageOutput]) -> StageOutput:
@@ -552,34 +580,34 @@ def run_curate_global(cfg: PipelineConfig, plan: CuratePlan, units: Sequence[Sta
         "sources_computed": [u.label for u, r in zip(plan.units, units, strict=True) if not r.reused],
         "dedup_reused": is_complete(plan.dedup),
     }
+    in_child = _dedup_in_child(cfg, plan)
     if not cache["dedup_reused"]:
-        if _dedup_in_child(cfg, plan):
+        if in_child:
             with _spawned_pool(1) as pool:
                 pool.submit(publish_dedup, cfg, plan).result()
         else:
             publish_dedup(cfg, plan)
     out = plan.out
-    marks = pl.read_parquet(plan.dedup / "marks.parquet")
-    train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
-    stats["cache"] = cache
     with atomic_dir(out, cfg.verify_reuse) as tmp:
         if tmp is None:
             return StageOutput(out, reused=True)
         write_inputs(tmp, cfg.work_dir, [plan.dedup, *(u.folder for u in plan.units)])
+        if in_child:
+            with _spawned_pool(1) as pool:
+                stats = pool.submit(plan_into, cfg, plan, tmp).result()
+        else:
+            stats = plan_into(cfg, plan, tmp)
+        stats["cache"] = cache
+        keys = {name: pl.read_parquet(tmp / PLAN_DIR / f"{name}.parquet") for name in ("train", "heldout", "rejected")}
         write_ordered({
-            tmp / "train.parquet": (train, CANONICAL_COLUMNS),
-            tmp / "heldout.parquet": (heldout, CANONICAL_COLUMNS),
-            tmp / "rejected.parquet": (rejected, REJECTED_COLUMNS),
+            tmp / "train.parquet": (keys["train"], CANONICAL_COLUMNS),
+            tmp / "heldout.parquet": (keys["heldout"], CANONICAL_COLUMNS),
+            tmp / "rejected.parquet": (keys["rejected"], REJECTED_COLUMNS),
         }, plan, tmp / "_buckets", workers=cfg.runner.workers)
+        del keys
+        shutil.rmtree(tmp / PLAN_DIR)
         stats["drop_samples"] = _drop_samples(tmp / "rejected.parquet", tmp / "drop_samples", cfg.seed)
         write_json_atomic(tmp / "config.json", config_to_dict(cfg.curate))
-        plots.overlaid_histograms(
-            {
-                "read": marks["n_chars"].drop_nulls().to_list(),
-                "kept": marks.filter(pl.col("drop_reason").is_null())["n_chars"].to_list(),
-            },
-            tmp / "lengths_before_after.png", "Conversation length before and after curation", "characters",
-        )
         plots.bar_counts(stats["dropped_by_reason"], tmp / "drop_reasons.png", "Rows dropped by reason")
         plots.bar_counts(
             {name: st["mixed_train_rows"] for name, st in stats["per_source"].items()}, tmp / "source_share.png",

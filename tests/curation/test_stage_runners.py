@@ -144,10 +144,11 @@ def test_a_tiny_memory_budget_spills_band_keys_by_partition_and_gives_the_same_b
             yield part
 
     monkeypatch.setattr(dedup, "band_partitions", counting)
+    monkeypatch.setattr(dedup, "SPILL_ROWS", 5)  # units' key rows spilled 5 at a time, pieces cut across units too
     tiny = curation.run_curate(load_config(None, shard_overrides(shard_data, tmp_path, "curate.memory_budget=4KiB")))
-    # 128 live rows (130 less a broken line and an exact copy) x 16 bands x 64 B = 131,072 B: 5 top bits of the key
-    # cut them into 32 partitions of ~4 KiB; each band key of each live row is paired once, in one partition.
-    assert {bits for bits, _ in seen} == {5} and len(seen) == 32
+    # 128 live rows (130 less a broken line and an exact copy) x 16 bands x 128 B = 262,144 B: 6 top bits of the key
+    # cut them into 64 partitions of ~4 KiB; each band key of each live row is paired once, in one partition.
+    assert {bits for bits, _ in seen} == {6} and len(seen) == 64
     assert sum(n for _, n in seen) == 128 * 16 and max(n for _, n in seen) < 128
     assert tiny.path.name == sequential.path.name
     for name in OUTPUTS:
@@ -181,6 +182,35 @@ def test_outputs_written_in_tiny_buckets_have_the_same_bytes(shard_data: Path, s
     # Each bucket of 4 rows gathers batches from several flush files: more batch reads than buckets.
     assert len(batches) > (stats["rows_train_mixed"] + stats["rows_heldout"] + stats["rows_dropped"]) // 4
     assert not (small.path / "_buckets").exists()
+
+def test_outputs_are_filed_while_a_unit_is_read(shard_data: Path, sequential: StageOutput, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    # Unit files of 4-row row groups and flushes of 8 rows: a unit's rows are filed as its row groups are read, never
+    # after reading all of them (a unit grows with the corpus: that held 0.44 GiB per filing thread at 3M rows).
+    events: list[str] = []
+    real_groups, real_new_file = curation._row_groups, pa.ipc.new_file
+
+    def groups(path, columns, offset, wanted):
+        for frame in real_groups(path, columns, offset, wanted):
+            events.append("group" if "messages" in columns else "text")
+            yield frame
+
+    def new_file(*args, **kwargs):
+        events.append("flush")
+        return real_new_file(*args, **kwargs)
+
+    real_write = curation.write_ordered
+    monkeypatch.setattr(curation, "ROW_GROUP", 4)
+    monkeypatch.setattr(curation, "_row_groups", groups)
+    monkeypatch.setattr(pa.ipc, "new_file", new_file)
+    monkeypatch.setattr(curation, "write_ordered", lambda outputs, plan, scratch, workers=1: real_write(outputs, plan, scratch, 4, workers))
+    small = curation.run_curate(load_config(None, shard_overrides(shard_data, tmp_path)))
+    filing = "".join("g" if e == "group" else "f" for e in events if e != "text")
+    assert "gfg" in filing  # a flush between two row groups of one unit
+    assert filing.count("g") > 2 * 5  # 5 units of 20-30 rows in row groups of 4
+    for name in ("train.parquet", "heldout.parquet", "rejected.parquet"):
+        assert pl.read_parquet(small.path / name).equals(pl.read_parquet(sequential.path / name)), name
+
 
 def test_a_local_process_pool_gives_the_same_bytes(shard_data: Path, sequential: StageOutput, monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
