@@ -121,11 +121,12 @@ def _near_dedup(
     dup_pos, of_pos = alive[head >= 0], alive[head[head >= 0]]
     labels = df.select(KEY).gather(of_pos).select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series()
     if len(dup_pos):
-        near_of = pl.repeat(None, df.height, dtype=pl.String, eager=True).scatter(dup_pos, labels)
-        df = df.with_columns(_near_of=near_of).with_columns(
-            drop_reason=pl.when(pl.col("_near_of").is_not_null()).then(pl.lit("dedup_near")).otherwise(pl.col("drop_reason")),
-            dup_of=pl.coalesce(pl.col("_near_of"), pl.col("dup_of")),
-        ).drop("_near_of")
+        # Scattered into the few rows that are near-dups (dup_of is all null until here): whole-column expressions
+        # made three more string columns of every row at the global step's high-water mark.
+        df = df.with_columns(
+            drop_reason=df["drop_reason"].clone().scatter(dup_pos, "dedup_near"),
+            dup_of=pl.repeat(None, df.height, dtype=pl.String, eager=True).scatter(dup_pos, labels),
+        )
     info = {
         "candidates": res.candidates,
         "verified_pairs": res.verified,

@@ -483,14 +483,16 @@ def report_markdown(stats: dict[str, Any]) -> str:
 # ---- the global step ------------------------------------------------------------------------------
 
 
-def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The marks of every row after exact and near dedup and the split, from the units' dedup keys: the per-row
-    columns in memory (~60 B a row), the band keys read unit by unit and paired within ``curate.memory_budget``
-    (spilled under ``scratch`` beyond it), the text only of rows in a near-dup candidate pair."""
+# Mark columns the dedup does not touch: read back unit by unit as the marks are written, not held through it.
+_PASSED_THROUGH = ["decontam_match", "n_chars", "repairs"]
+
+
+def _dedup_frame(cfg: PipelineConfig, plan: CuratePlan, spans: list[tuple[CurateUnit, int, int]], scratch: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """``dedup_and_split`` over the columns of every row it needs in memory (~80 B a row), the band keys read unit by
+    unit and paired within ``curate.memory_budget`` (spilled under ``scratch`` beyond it), the text only of rows in
+    a near-dup candidate pair. Returns the marks but those of ``_PASSED_THROUGH``, and the near-dedup report."""
     near = ["_has_shingles"] if cfg.curate.near_dedup.enabled else []
-    spans = _unit_spans(plan)
-    slim = _unit_rows(plan, ["source", "row", "drop_reason", "decontam_match", "n_chars", "repairs", "_dedup_hash", "_split_bucket", *near],
-                      spans).collect()
+    slim = _unit_rows(plan, ["source", "row", "drop_reason", "_dedup_hash", "_split_bucket", *near], spans).collect()
 
     def texts_of(positions: np.ndarray) -> pl.Series:
         return _texts_by_key(plan, slim.select(KEY).gather(positions), spans)
@@ -506,9 +508,31 @@ def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path) -> tuple[
             start += n
 
     marks, near_info = dedup_and_split(slim, cfg.curate, cfg.seed, texts_of, bands_of, scratch)
+    return marks.select([c for c in MARK_COLUMNS if c not in _PASSED_THROUGH]), near_info
+
+
+def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path, dest: Path) -> dict[str, Any]:
+    """Write to ``dest`` the marks of every row after exact and near dedup and the split (``_dedup_frame``), with the
+    columns it leaves alone read back unit by unit; return the near-dedup report."""
+    import pyarrow.parquet as pq
+
+    spans = _unit_spans(plan)
+    marks, near_info = _dedup_frame(cfg, plan, spans, scratch)
     if scratch.exists():
         scratch.rmdir()
-    return marks.select(MARK_COLUMNS), near_info
+    writer = None
+    try:
+        start = 0
+        for unit, _, n in spans:
+            passed = pl.read_parquet(unit.folder / "rows.parquet", columns=_PASSED_THROUGH)
+            table = pl.concat([marks.slice(start, n), passed], how="horizontal").select(MARK_COLUMNS).to_arrow()
+            writer = writer or pq.ParquetWriter(dest, table.schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema), row_group_size=ROW_GROUP)
+            start += n
+    finally:
+        if writer is not None:
+            writer.close()
+    return near_info
 
 
 # runner.kind auto / processes computes the dedup marks and plans the outputs of this many rows or more in child processes.
@@ -528,9 +552,7 @@ def publish_dedup(cfg: PipelineConfig, plan: CuratePlan) -> None:
     """Compute and publish ``plan.dedup`` (marks.parquet, near_dedup.json) atomically, unless another run did."""
     with atomic_dir(plan.dedup, cfg.verify_reuse) as tmp:
         if tmp is not None:  # else another run published the same marks first
-            marks, near_info = _dedup_marks(cfg, plan, tmp / "_spill")
-            marks.write_parquet(tmp / "marks.parquet")
-            write_json_atomic(tmp / "near_dedup.json", near_info)
+            write_json_atomic(tmp / "near_dedup.json", _dedup_marks(cfg, plan, tmp / "_spill", tmp / "marks.parquet"))
 
 
 # Where plan_into leaves the keys of each output, inside the output folder's temp, until the outputs are written.

@@ -117,8 +117,8 @@ def test_reasons_the_code_gives_are_registered() -> None:
     package = Path(__file__).resolve().parents[2] / "sft_engine" / "curation"
     given = set()
     for path in package.glob("*.py"):
-        given |= set(re.findall(r'(?:Drop\(|Record\(None, |pl\.lit\(|Rule\()"([a-z]+_[a-z0-9_<>]+)"', path.read_text()))
+        given |= set(re.findall(r'(?:Drop\(|Record\(None, |pl\.lit\(|Rule\(|scatter\(\w+, )"([a-z]+_[a-z0-9_<>]+)"', path.read_text()))
     names = {r.name for r in all_reasons()}
-    assert {"read_truncated", "normalize_bad_tools", "repair_trailing_user", "dedup_near", "quality_top_ngram"} <= given
+    assert {"read_truncated", "normalize_bad_tools", "repair_trailing_user", "dedup_near", "dedup_exact", "quality_top_ngram"} <= given
     assert given - names == set()
     assert set(READ) >= {"drop_reason", "drop_detail", "raw"}
