@@ -562,15 +562,15 @@ PLAN_DIR = "_plan"
 def plan_into(cfg: PipelineConfig, plan: CuratePlan, folder: Path) -> dict[str, Any]:
     """Plan the outputs from the published marks (``plan_outputs``): the keys of each output, in order, as
     ``<folder>/_plan/{train,heldout,rejected}.parquet``, and the length plot; returns the stats."""
-    marks = pl.read_parquet(plan.dedup / "marks.parquet")
+    marks = pl.scan_parquet(plan.dedup / "marks.parquet")
     train, heldout, rejected, stats = plan_outputs(marks, read_json(plan.dedup / "near_dedup.json"), cfg.curate, cfg.seed)
     (folder / PLAN_DIR).mkdir()
     for name, frame in (("train", train), ("heldout", heldout), ("rejected", rejected)):
         frame.write_parquet(folder / PLAN_DIR / f"{name}.parquet", compression="lz4")
     plots.overlaid_histograms(
         {
-            "read": marks["n_chars"].drop_nulls().to_numpy(),
-            "kept": marks.filter(pl.col("drop_reason").is_null())["n_chars"].drop_nulls().to_numpy(),
+            "read": marks.select(pl.col("n_chars").drop_nulls()).collect().to_series().to_numpy(),
+            "kept": marks.filter(pl.col("drop_reason").is_null()).select(pl.col("n_chars").drop_nulls()).collect().to_series().to_numpy(),
         },
         folder / "lengths_before_after.png", "Conversation length before and after curation", "characters",
     )
