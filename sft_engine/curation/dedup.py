@@ -2,7 +2,7 @@
 
 Each unit stores the row-local halves (``with_dedup_keys``): a blake2b-128 of the folded conversation text and
 its tools (exact dedup), the split bucket (a seeded Polars hash of the folded text), and the near-dedup band
-keys of rows still alive. The global step (``dedup_and_split``) holds the marks, the hash and the bucket (~60 bytes
+keys of rows still alive. The global step (``dedup_and_split``) holds the keys, drop reasons, hash and bucket (~80 bytes
 a row), never the corpus: band keys come chunk by chunk from ``bands_of`` and are paired in memory or, beyond
 ``curate.memory_budget``, by hash partition through scratch files (``band_partitions``).
 """
