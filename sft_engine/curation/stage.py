@@ -307,7 +307,8 @@ def write_ordered(
     Pass 1 reads each unit once, for every output, and files the rows it owes, ``2 * bucket_rows`` at a time, into
     Arrow IPC scratch files with one record batch per bucket of ``bucket_rows`` output positions, ``workers`` units at
     a time (threads: Arrow and Polars release the GIL); pass 2 writes each output's buckets in order, reading each
-    bucket's batches back and sorting them by position, the next bucket assembled while one is compressed and written. Small row groups let preparation stream the splits batch by batch.
+    bucket's batches back and sorting them by position, the next bucket assembled while one is compressed and
+    written. Small row groups let preparation stream the splits batch by batch.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -514,24 +515,16 @@ def _dedup_frame(cfg: PipelineConfig, plan: CuratePlan, spans: list[tuple[Curate
 def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path, dest: Path) -> dict[str, Any]:
     """Write to ``dest`` the marks of every row after exact and near dedup and the split (``_dedup_frame``), with the
     columns it leaves alone read back unit by unit; return the near-dedup report."""
-    import pyarrow.parquet as pq
-
     spans = _unit_spans(plan)
     marks, near_info = _dedup_frame(cfg, plan, spans, scratch)
     if scratch.exists():
         scratch.rmdir()
-    writer = None
-    try:
-        start = 0
-        for unit, _, n in spans:
-            passed = pl.read_parquet(unit.folder / "rows.parquet", columns=_PASSED_THROUGH)
-            table = pl.concat([marks.slice(start, n), passed], how="horizontal").select(MARK_COLUMNS).to_arrow()
-            writer = writer or pq.ParquetWriter(dest, table.schema, compression="zstd")
-            writer.write_table(table.cast(writer.schema), row_group_size=ROW_GROUP)
-            start += n
-    finally:
-        if writer is not None:
-            writer.close()
+    starts = itertools.accumulate((n for _, _, n in spans), initial=0)
+    _write_batches((
+        pl.concat([marks.slice(start, n), pl.read_parquet(unit.folder / "rows.parquet", columns=_PASSED_THROUGH)], how="horizontal")
+        .select(MARK_COLUMNS)
+        for (unit, _, n), start in zip(spans, starts, strict=False)  # starts ends with one more item: the total
+    ), dest)
     return near_info
 
 
