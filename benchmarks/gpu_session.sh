@@ -7,10 +7,11 @@
 #   benchmarks/gpu_session.sh run    # there, from the repository root with .gpu/ beside it: installs the wheels into
 #                                    # /tmp/site, runs tests/test_gpu.py, then benchmarks/train_gpu.py (ours vs TRL) on
 #                                    # Qwen2.5-0.5B's and Llama-3.2-1B's architectures with random weights.
-#                                    # Results land in $OUT (default /tmp/gpu_out): *.log, *.json.
+#                                    # Results land in $OUT (default /tmp/gpu_out): session.log, *.json. SPECS picks the runs:
+#                                    # SPECS="llama-3.2-1b 2048,llama-3.2-1b 2048 sdpa" (config, length, --attn).
 #
 # The GPU image checked here (2026-12): Python 3.12, torch 2.11.0+cu130, transformers 5.17; no deepspeed, trl,
-# datasets, polars or pydantic, and no flash-attn (so both sides use SDPA: ours per packed sample, TRL with its mask).
+# datasets, polars or pydantic, and no flash-attn (ours uses torch's own FlashAttention varlen kernel, TRL SDPA with its mask).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY312=(--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64
@@ -66,14 +67,19 @@ run() {
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
         python3 -c "import sys, torch, transformers, trl, deepspeed; print(sys.version.split()[0], 'torch', torch.__version__, \
 'transformers', transformers.__version__, 'trl', trl.__version__, 'deepspeed', deepspeed.__version__)"
-    } 2>&1 | tee "$OUT/env.txt"
-    timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log"
-    # name, config, sequence length; the most informative first, so a run cut short still reports it.
-    for spec in "llama-3.2-1b 2048" "qwen2.5-0.5b 2048" "llama-3.2-1b 4096"; do
+    } 2>&1 | tee "$OUT/session.log"
+    # One log and a JSON file per run: the device tool brings back at most 8 files.
+    timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee -a "$OUT/session.log"
+    # "config sequence-length [attention]" (train_gpu.py's --attn, default auto); the most informative first, so a run
+    # cut short still reports it.
+    local specs=${SPECS:-"llama-3.2-1b 2048,qwen2.5-0.5b 2048,llama-3.2-1b 4096"}
+    IFS=, read -ra specs <<< "$specs"
+    for spec in "${specs[@]}"; do
         set -- $spec
+        local attn=${3:-auto}
         timeout "${BENCH_TIMEOUT:-170}" python3 benchmarks/train_gpu.py --model .gpu/tokenizer --model-config "benchmarks/model_configs/$1.json" \
-            --data ".gpu/data_$2/train.arrow" --seq-len "$2" --json "$OUT/$1-$2.json" 2>&1 | grep -v "Writing model shards" \
-            | tail -12 | tee "$OUT/$1-$2.log"
+            --data ".gpu/data_$2/train.arrow" --seq-len "$2" --attn "$attn" --json "$OUT/$1-$2-$attn.json" 2>&1 \
+            | grep -v "Writing model shards" | tail -12 | tee -a "$OUT/session.log"
     done
 }
 

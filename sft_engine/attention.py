@@ -8,6 +8,11 @@ position ids restart at 0, as in ``loss.segment_sums``) and runs causal SDPA per
 varlen kernel does on a GPU, on any device. Same outputs and gradients as ``sdpa`` with the packed mask
 (tests/test_attention.py).
 
+On a CUDA GPU in bf16 or fp16, the row's samples go to one call of PyTorch's FlashAttention varlen kernel per layer
+(``torch.nn.attention.varlen``, given the samples' cumulative lengths), instead of one SDPA call per sample: on an
+H200 the per-sample calls cost launch overhead and a cuDNN plan for every new sample length
+(docs/benchmarks.md). fp32, CPUs and GPUs or heads that kernel does not take keep the per-sample calls.
+
 It is a training kernel: it needs the position ids (every decoder transformers ships passes them to its attention)
 and no padding mask or KV cache. Models whose attention does more than scaled dot-product (soft-capped scores,
 attention sinks) are not supported (``unsupported``); sliding windows are (a banded mask within a sample longer
@@ -24,7 +29,7 @@ VARLEN = "sdpa_varlen"
 
 # The first position of each sample, per row, for the position ids of the forward under way: every layer
 # receives the same tensor, so the split is computed once per forward.
-_last: dict[str, Any] = {"ids": None, "starts": None}
+_last: dict[str, Any] = {"ids": None, "starts": None, "cu": None}
 
 
 def unsupported(config: Any) -> str | None:
@@ -45,8 +50,68 @@ def sample_starts(position_ids: torch.Tensor) -> list[list[int]]:
     for row in position_ids:
         idx = torch.nonzero(row == 0).flatten().tolist()
         starts.append(idx if idx and idx[0] == 0 else [0, *idx])
-    _last["ids"], _last["starts"] = position_ids, starts
+    _last["ids"], _last["starts"], _last["cu"] = position_ids, starts, None
     return starts
+
+
+def cu_seqlens(per_row: list[list[int]], seq: int) -> tuple[list[int], int]:
+    """The rows' samples as one flat sequence of ``len(per_row) * seq`` tokens: each sample's start offset and the end
+    (FlashAttention's ``cu_seqlens``), and the longest sample."""
+    cu, longest = [], 0
+    for r, starts in enumerate(per_row):
+        for s, e in zip(starts, [*starts[1:], seq], strict=True):
+            cu.append(r * seq + s)
+            longest = max(longest, e - s)
+    return [*cu, len(per_row) * seq], longest
+
+
+def _flash_varlen() -> Any:
+    """PyTorch's FlashAttention varlen function where this torch has one (2.10 and later), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def flash_varlen_usable(query: torch.Tensor, dropout: float = 0.0) -> bool:
+    """Whether the packed rows of ``query`` (``[batch, heads, seq, dim]``) can go to FlashAttention's varlen kernel:
+    a CUDA GPU of compute capability 8.0 or later, bf16 or fp16, head size a multiple of 8 up to 256, no dropout."""
+    if not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16) or dropout:
+        return False
+    dim = query.shape[-1]
+    if dim % 8 or dim > 256 or _flash_varlen() is None or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    return torch.cuda.get_device_capability(query.device)[0] >= 8
+
+
+def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, per_row: list[list[int]],
+                scaling: float | None, window: int | None) -> torch.Tensor | None:
+    """The rows' attention in one varlen call, ``[batch, seq, heads, dim]``; None where this torch's varlen function
+    cannot apply the sliding window."""
+    import inspect
+
+    varlen_attn = _flash_varlen()
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch 2.11 and later: causal is a window of (everything before, nothing after)
+        causal = {"window_size": (-1 if window is None else window - 1, 0)}
+    elif window is None:  # torch 2.10
+        causal = {"is_causal": True}
+    else:
+        return None
+    batch, heads, seq, dim = query.shape
+    if _last["cu"] is None or _last["cu"][0].device != query.device:
+        cu, longest = cu_seqlens(per_row, seq)
+        _last["cu"] = (torch.tensor(cu, dtype=torch.int32, device=query.device), longest)
+    cu, longest = _last["cu"]
+    q, k, v = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (query, key, value))
+    if k.shape[1] != heads:
+        if "enable_gqa" in params:
+            causal["enable_gqa"] = True
+        else:  # transformers' repeat_kv: query head h reads key/value head h // (heads / kv_heads)
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **causal)
+    return out.view(batch, seq, heads, dim)
 
 
 def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
@@ -73,6 +138,10 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     per_row = sample_starts(position_ids)
     if len(per_row) != query.shape[0]:  # one row of position ids broadcast over the batch
         per_row = per_row * query.shape[0]
+    if flash_varlen_usable(query, kwargs.get("dropout", 0.0)):
+        out = _flash_rows(query, key, value, per_row, kwargs.get("scaling"), window)
+        if out is not None:
+            return out, None
     rows = []
     for r, starts in enumerate(per_row):
         parts = []

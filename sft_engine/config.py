@@ -322,7 +322,8 @@ class TrainConfig(Strict):
     attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = Field(
         json_schema_extra=keyed("train"), default="auto",
         description="Attention kernel; all respect packed sample boundaries. sdpa_varlen runs causal SDPA per packed "
-        "sample (sdpa computes the whole row under a block mask: ~2x the attention time on CPU); auto = flash_attention_2 "
+        "sample (sdpa computes the whole row under a block mask: ~2x the attention time on CPU), or on a GPU in "
+        "bf16/fp16 one call of PyTorch's FlashAttention varlen kernel per layer; auto = flash_attention_2 "
         "on a GPU with flash-attn installed, else sdpa_varlen, else sdpa (models with soft-capped or sink attention).",
     )
     lm_head_chunk: int | None = Field(

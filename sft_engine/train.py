@@ -280,7 +280,7 @@ def micro_batch_loss(engine: Any, chunk: int | None, norm: str, zero_stage: int,
 
 def resolve_attention(requested: str, model_dir: Path) -> str:
     """The attention kernel to load: ``auto`` is FlashAttention 2 on a GPU where flash-attn is installed, else
-    ``sdpa_varlen`` (one causal SDPA per packed sample), else ``sdpa`` for a model whose attention ``sdpa_varlen`` cannot
+    ``sdpa_varlen`` (one causal SDPA per packed sample; PyTorch's FlashAttention varlen kernel on a GPU in bf16), else ``sdpa`` for a model whose attention ``sdpa_varlen`` cannot
     compute (soft-capped scores, sinks)."""
     import importlib.util
 

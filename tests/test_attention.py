@@ -72,3 +72,21 @@ def test_varlen_refuses_generation_and_names_unsupported_attention() -> None:
     model.set_attn_implementation(VARLEN)
     with pytest.raises(ValueError, match="use sdpa to generate"):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+
+
+def test_cu_seqlens_flatten_the_rows_samples() -> None:
+    """Two rows of 6 as one sequence of 12: samples at 0, 3, 5 and 6 + 0, 6 + 2, and the longest sample (4 tokens)."""
+    from sft_engine.attention import cu_seqlens
+
+    assert cu_seqlens([[0, 3, 5], [0, 2]], 6) == ([0, 3, 5, 6, 8, 12], 4)
+    assert cu_seqlens([[0]], 5) == ([0, 5], 5)
+
+
+def test_flash_varlen_is_not_taken_on_cpu_or_in_fp32() -> None:
+    """FlashAttention's varlen kernel takes CUDA tensors in bf16/fp16 only: CPUs and fp32 keep the per-sample calls
+    (tests/test_gpu.py checks the kernel itself on a GPU)."""
+    from sft_engine.attention import flash_varlen_usable
+
+    assert not flash_varlen_usable(torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16))
+    assert not flash_varlen_usable(torch.zeros(1, 2, 4, 64))
+    assert not flash_varlen_usable(torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16), dropout=0.1)
