@@ -170,6 +170,34 @@ def test_non_ascii_words_are_the_regex_class_letters_and_digits_in_every_script(
     assert hashes.tolist() == ref_hashes.tolist()
 
 
+def test_words_are_lowercased_as_polars_lowercases_them() -> None:
+    """ASCII texts are lowercased while hashed and the others through a code point table: the word hashes equal those
+    of the texts Polars lowercased first, with characters whose lowercase has more bytes (U+023A), a 4-byte capital
+    (Deseret), titlecase, capital sharp s, final and inner sigma, U+0130 (two code points), words over 256 bytes."""
+    from sft_engine.curation.near_dedup import word_hashes
+
+    rng = random.Random(13)
+    alphabet = list("abXYZ09 .,\n") + list("ȺⱥẞßΣσςΑΩάЖЯİıǅǄ𐐀𐐨ÀÉ日本́🙂")
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120))) for _ in range(2000)]
+    texts += ["Ⱥ" * 200 + "Q", "ÀB" * 150, "QWERTY" * 60, "ΟΔΟΣ ΟΔΟΣΣ σΣ", None]
+    series = pl.Series(texts, dtype=pl.String)
+    for split in ("non_alnum", "space"):
+        hashes, offsets = word_hashes(series, split)
+        ref_hashes, ref_offsets = word_hashes(series.str.to_lowercase(), split)
+        assert offsets.tolist() == ref_offsets.tolist()
+        assert hashes.tolist() == ref_hashes.tolist()
+
+
+def test_code_points_past_plane_3_are_neither_letters_nor_digits_nor_cased() -> None:
+    """The code point tables stop at plane 3: Polars' regex and case mapping agree that nothing past it is a letter or
+    a digit or has another lowercase."""
+    from sft_engine.curation.near_dedup import _LAST_CASED_PLANE_END
+
+    chars = pl.Series([chr(c) for c in range(_LAST_CASED_PLANE_END, 0x110000)], dtype=pl.String)
+    assert not chars.str.contains(r"^[\p{L}\p{N}]$").any()
+    assert (chars.str.to_lowercase() == chars).all()
+
+
 def test_shingles_match_the_word_ngrams_of_a_plain_python_tokenizer() -> None:
     import re
 
