@@ -454,9 +454,10 @@ def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
     return key
 
 
-# Peak bytes per (key, doc) entry while its partition is paired: the entry (16), the sort order (8), the sorted
-# copies (16), the group heads (8), masks and the pair codes, and what the allocators keep of them (measured: 3M
-# rows in 8 partitions raised the peak by 0.66 GiB for a 384 MiB budget; in 16, by 0.17 GiB).
+# Peak bytes per (key, doc) entry while its partition is paired, measured with the NumPy pairing the compiled walk
+# replaced: the entry (16), the sort order (8), the sorted copies (16), the group heads (8), masks and the pair codes,
+# and what the allocators keep of them (3M rows in 8 partitions raised the peak by 0.66 GiB for a 384 MiB budget; in
+# 16, by 0.17 GiB). The walk holds only the entry, the order and the codes, so the figure now errs on the safe side.
 BYTES_PER_KEY = 128
 
 
@@ -663,8 +664,8 @@ def verify_pairs(
 
     ``texts_of(indices)`` returns the texts of those documents (ascending, in that order); it is called for the
     documents of candidate pairs only, ``block_docs`` at a time, so the caller never needs every text in memory.
-    Each document's shingle set is kept sorted, in memory, or in a file under ``scratch`` when the sets of all
-    candidate documents would pass ``budget_bytes``: the pairs then read their two sets back one pair at a time.
+    Each document's shingles are kept in memory, or in a file under ``scratch`` when those of all candidate documents
+    would pass ``budget_bytes``: the pairs then read their two documents' shingles back one pair at a time.
     """
     rows = num_perm // bands
     sims = np.zeros(0)
