@@ -21,6 +21,7 @@ than the window).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -65,13 +66,17 @@ def cu_seqlens(per_row: list[list[int]], seq: int) -> tuple[list[int], int]:
     return [*cu, len(per_row) * seq], longest
 
 
-def _flash_varlen() -> Any:
-    """PyTorch's FlashAttention varlen function where this torch has one (2.10 and later), else None."""
+@functools.cache
+def _flash_varlen() -> tuple[Any, frozenset[str]] | None:
+    """PyTorch's FlashAttention varlen function and its parameter names where this torch has one (2.10 and later),
+    else None. Once per process: every layer of every forward asks."""
+    import inspect
+
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def flash_varlen_usable(query: torch.Tensor, dropout: float = 0.0) -> bool:
@@ -89,10 +94,7 @@ def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, per
                 scaling: float | None, window: int | None) -> torch.Tensor | None:
     """The rows' attention in one varlen call, ``[batch, seq, heads, dim]``; None where this torch's varlen function
     cannot apply the sliding window."""
-    import inspect
-
-    varlen_attn = _flash_varlen()
-    params = inspect.signature(varlen_attn).parameters
+    varlen_attn, params = _flash_varlen()
     if "window_size" in params:  # torch 2.11 and later: causal is a window of (everything before, nothing after)
         causal = {"window_size": (-1 if window is None else window - 1, 0)}
     elif window is None:  # torch 2.10

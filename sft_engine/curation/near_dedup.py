@@ -294,11 +294,12 @@ def _bytes_and_blocks(texts: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndar
     return data, _blocks_of(data), offsets
 
 
-def _words(texts: pl.Series, split: str = "non_alnum", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of the words of the lowercased texts, flat, and per-text word offsets (n + 1).
+def word_hashes(texts: pl.Series, split: str = "non_alnum", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the words of every lowercased text, flat, plus per-text offsets (n + 1).
 
-    ``split="non_alnum"``: words are maximal runs of letters and digits. ``split="space"``: maximal runs of
-    anything but U+0020 (what ``str.split(" ")`` gives once empty strings are dropped).
+    ``split="non_alnum"`` (near-dedup, decontamination): words are maximal runs of letters and digits.
+    ``split="space"``: words are what ``str.split(" ")`` gives, empty strings dropped. Equal words
+    hash equal; different words differ but for 64-bit collisions.
     """
     if split not in ("non_alnum", "space"):
         raise ValueError(f"split must be 'non_alnum' or 'space', got {split!r}")
@@ -333,16 +334,6 @@ def _words(texts: pl.Series, split: str = "non_alnum", seed: int = 0) -> tuple[n
     return hashes, word_off
 
 
-def word_hashes(texts: pl.Series, split: str = "non_alnum", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of the words of every lowercased text, flat, plus per-text offsets (n + 1).
-
-    ``split="non_alnum"`` (near-dedup, decontamination): words are maximal runs of letters and digits.
-    ``split="space"``: words are what ``str.split(" ")`` gives, empty strings dropped. Equal words
-    hash equal; different words differ but for 64-bit collisions.
-    """
-    return _words(texts, split, seed)
-
-
 @numba.njit(cache=True, nogil=True)
 def _shingle_pass(words: np.ndarray, word_off: np.ndarray, ngram: int, mults: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every text's word ``ngram``-shingles from its word hashes (position-weighted sums), and per-text offsets; a text
@@ -372,7 +363,7 @@ def shingle_hashes(texts: pl.Series, ngram: int = 5, seed: int = 0) -> tuple[np.
     """
     if not 1 <= ngram <= len(_MULTS):
         raise ValueError(f"ngram must be between 1 and {len(_MULTS)}, got {ngram}")
-    words, word_off = _words(texts, seed=seed)
+    words, word_off = word_hashes(texts, seed=seed)
     return _shingle_pass(words, word_off, ngram, _MULTS)
 
 
@@ -690,12 +681,11 @@ _SET_BYTES_PER_DOC = 4096
 
 
 @numba.njit(cache=True, nogil=True)
-def _jaccard_hashed(a: np.ndarray, b: np.ndarray, slots: np.ndarray, seen: np.ndarray) -> float:
+def _jaccard_hashed(a: np.ndarray, b: np.ndarray, slots: np.ndarray, seen: np.ndarray, used: np.ndarray) -> float:
     """Jaccard of the sets of values in ``a`` and ``b`` (repeats allowed; two empty sets: 1.0), through one
     open-addressing table (``slots``/``seen``, a power of two of at least twice ``len(a) + len(b)`` entries, ``seen``
-    all zero on entry and on return): no sort."""
+    all zero on entry and on return; ``used`` notes the slots taken, to empty them): no sort."""
     mask = np.uint64(len(slots) - 1)
-    used = np.empty(len(a) + len(b), dtype=np.uint64)
     n_used = in_a = in_b = both = 0
     for side in range(2):
         values, bit = (a, 1) if side == 0 else (b, 2)
@@ -722,11 +712,12 @@ def _jaccard_hashed(a: np.ndarray, b: np.ndarray, slots: np.ndarray, seen: np.nd
 
 
 @numba.njit(cache=True, nogil=True)
-def _table_for(n: int) -> tuple[np.ndarray, np.ndarray]:
+def _table_for(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_jaccard_hashed``'s table and notes for pairs of at most ``n`` values together."""
     size = 16
     while size < 2 * n:
         size *= 2
-    return np.empty(size, dtype=np.uint64), np.zeros(size, dtype=np.uint8)
+    return np.empty(size, dtype=np.uint64), np.zeros(size, dtype=np.uint8), np.empty(n, dtype=np.uint64)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -736,10 +727,10 @@ def _jaccard_pairs(values: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -
     for k in range(len(pairs)):
         i, j = pairs[k, 0], pairs[k, 1]
         largest = max(largest, offsets[i + 1] - offsets[i] + offsets[j + 1] - offsets[j])
-    slots, seen = _table_for(largest)
+    slots, seen, used = _table_for(largest)
     for k in range(len(pairs)):
         i, j = pairs[k, 0], pairs[k, 1]
-        out[k] = _jaccard_hashed(values[offsets[i]:offsets[i + 1]], values[offsets[j]:offsets[j + 1]], slots, seen)
+        out[k] = _jaccard_hashed(values[offsets[i]:offsets[i + 1]], values[offsets[j]:offsets[j + 1]], slots, seen, used)
     return out
 
 
