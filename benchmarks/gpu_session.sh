@@ -8,7 +8,9 @@
 #                                    # /tmp/site, runs tests/test_gpu.py, then benchmarks/train_gpu.py (ours vs TRL) on
 #                                    # Qwen2.5-0.5B's and Llama-3.2-1B's architectures with random weights.
 #                                    # Results land in $OUT (default /tmp/gpu_out): session.log, *.json. SPECS picks the runs:
-#                                    # SPECS="llama-3.2-1b 2048,llama-3.2-1b 2048 sdpa" (config, length, --attn).
+#                                    # SPECS="llama-3.2-1b 2048,llama-3.2-1b 2048 sdpa" (config, length, --attn);
+#                                    # TRAIN_ARGS="--micro-batch 2 --grad-accum 4" goes to every train_gpu.py run;
+#                                    # GPU_TESTS=0 skips tests/test_gpu.py.
 #
 # The GPU image checked here (2026-12): Python 3.12, torch 2.11.0+cu130, transformers 5.17; no deepspeed, trl,
 # datasets, polars or pydantic, and no flash-attn (ours uses torch's own FlashAttention varlen kernel, TRL SDPA with its mask).
@@ -69,7 +71,7 @@ run() {
 'transformers', transformers.__version__, 'trl', trl.__version__, 'deepspeed', deepspeed.__version__)"
     } 2>&1 | tee "$OUT/session.log"
     # One log and a JSON file per run: the device tool brings back at most 8 files.
-    timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee -a "$OUT/session.log"
+    [ "${GPU_TESTS:-1}" = 0 ] || timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee -a "$OUT/session.log"
     # "config sequence-length [attention]" (train_gpu.py's --attn, default auto); the most informative first, so a run
     # cut short still reports it.
     local specs=${SPECS:-"llama-3.2-1b 2048,qwen2.5-0.5b 2048,llama-3.2-1b 4096"}
@@ -78,7 +80,7 @@ run() {
         set -- $spec
         local attn=${3:-auto}
         timeout "${BENCH_TIMEOUT:-170}" python3 benchmarks/train_gpu.py --model .gpu/tokenizer --model-config "benchmarks/model_configs/$1.json" \
-            --data ".gpu/data_$2/train.arrow" --seq-len "$2" --attn "$attn" --json "$OUT/$1-$2-$attn.json" 2>&1 \
+            --data ".gpu/data_$2/train.arrow" --seq-len "$2" --attn "$attn" ${TRAIN_ARGS:-} --json "$OUT/$1-$2-$attn${TAG:-}.json" 2>&1 \
             | grep -v "Writing model shards" | tail -12 | tee -a "$OUT/session.log"
     done
 }
