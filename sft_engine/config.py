@@ -228,7 +228,7 @@ class CurateConfig(Strict):
         description="Memory the global step may give near-dedup's band keys (~1 KB per row while paired) and the shingle "
         "sets of candidate rows: beyond it they are spilled to disk by hash partition and paired a partition at a time. "
         "A size (512MiB, 2GiB, 4GB) or auto = 1/64 of this machine's memory (384 MiB on 24 GB: 1M rows pair in 8 "
-        "partitions, 3M in 16). The per-row columns the dedup holds (~80 B a row) and each unit's batch (runner.batch_rows) come on top.",
+        "partitions, 3M in 16). The per-row columns the dedup holds (~28 B a row) and each unit's batch (runner.batch_rows) come on top.",
     )
 
     @field_validator("memory_budget")

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from sft_engine.chat import Labeler, Planner
 from sft_engine.config import PrepareConfig
 from sft_engine.constants import IGNORE_INDEX
+from sft_engine.io import parquet_batches
 from sft_engine.packing import pack_rows, plan_packing, position_ids_from_lens
 
 # ``weights``: per-token loss weights of a row whose samples carry message weights (null: every weight is 1).
@@ -40,9 +41,8 @@ ROW_COLUMNS = ("messages", "tools", "chat_template_kwargs")
 
 def iter_rows(parquet_path: Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
     """Stream the rows of a curated Parquet file in batches (never the whole file): what a template renders."""
-    pf = pq.ParquetFile(parquet_path)
-    columns = [c for c in ROW_COLUMNS if c in pf.schema_arrow.names]
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+    columns = [c for c in ROW_COLUMNS if c in pq.read_schema(parquet_path).names]
+    for batch in parquet_batches(parquet_path, batch_size, columns):
         # Column by column, and an all-null column (most rows have no tools) as nothing: row-wise to_pylist of the
         # whole batch costs 3x more on this, the one per-row Python step of the main thread.
         cols = {name: batch.column(name) for name in columns}

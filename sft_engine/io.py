@@ -91,6 +91,18 @@ def digest_files(paths: list[Path]) -> str:
     return digest_json(items)
 
 
+def parquet_batches(path: str | Path, batch_size: int, columns: list[str] | None = None) -> Iterator[Any]:
+    """A Parquet file's record batches, in order, holding about one row group at a time.
+
+    pyarrow's default ``pre_buffer`` keeps every row group ``iter_batches`` has read cached until the file is
+    closed: by the last batch, the whole file's bytes (174 MB for a 187k-row ShareGPT shard). Reading row
+    group by row group with it disabled holds one.
+    """
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON via a temp file + rename so readers never see half a file."""
     path = Path(path)

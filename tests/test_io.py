@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sft_engine.io import SUCCESS, atomic_dir, digest_json, is_complete
@@ -178,3 +179,24 @@ def test_a_stage_folder_missing_a_file_is_recomputed_to_the_same_bytes_not_reuse
     (aside,) = first.path.parent.glob(f".damaged-{first.path.name}-*")
     assert not (aside / "heldout.parquet").exists() and (aside / "train.parquet").is_file()
     assert run_curate(cfg).reused
+
+
+def test_parquet_batches_hold_one_row_group_not_every_one_read_so_far(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sft_engine.io import parquet_batches
+
+    rng = np.random.default_rng(0)
+    # 48 row groups of ~256 KiB of incompressible text: pre_buffer's cache would reach the file's ~12 MiB.
+    text = [rng.bytes(512).hex() for _ in range(256)]
+    table = pa.table({"i": np.arange(256 * 48), "text": text * 48})
+    path = tmp_path / "many_groups.parquet"
+    pq.write_table(table, path, row_group_size=256, compression="zstd")
+    base = pa.total_allocated_bytes()
+    seen, high = [], 0
+    for batch in parquet_batches(path, 100):
+        seen.append(batch.column("i").to_numpy())
+        high = max(high, pa.total_allocated_bytes() - base)
+    assert np.array_equal(np.concatenate(seen), np.arange(256 * 48))
+    assert high < 2 << 20, f"{high / 2**20:.1f} MiB held while reading a {path.stat().st_size / 2**20:.1f} MiB file"

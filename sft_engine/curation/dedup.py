@@ -2,8 +2,8 @@
 
 Each unit stores the row-local halves (``with_dedup_keys``): a blake2b-128 of the folded conversation text and
 its tools (exact dedup), the split bucket (a seeded Polars hash of the folded text), and the near-dedup band
-keys of rows still alive. The global step (``dedup_and_split``) holds the keys, drop reasons, hash and bucket (~80 bytes
-a row), never the corpus: band keys come chunk by chunk from ``bands_of`` and are paired in memory or, beyond
+keys of rows still alive. The global step (``dedup_and_split``) holds the keys, drop reasons, hash and bucket (~28 bytes
+a row in the stage's compact types), never the corpus: band keys come chunk by chunk from ``bands_of`` and are paired in memory or, beyond
 ``curate.memory_budget``, by hash partition through scratch files (``band_partitions``).
 """
 
@@ -119,7 +119,7 @@ def _near_dedup(
                        block_docs=2048, budget_bytes=budget, scratch=scratch)
     head = res.duplicate_of
     dup_pos, of_pos = alive[head >= 0], alive[head[head >= 0]]
-    labels = df.select(KEY).gather(of_pos).select(pl.col("source") + ":" + pl.col("row").cast(pl.String)).to_series()
+    labels = df.select(KEY).gather(of_pos).select(pl.col("source").cast(pl.String) + ":" + pl.col("row").cast(pl.String)).to_series()
     if len(dup_pos):
         # Scattered into the few rows that are near-dups (dup_of is all null until here): whole-column expressions
         # made three more string columns of every row at the global step's high-water mark.

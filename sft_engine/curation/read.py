@@ -25,6 +25,7 @@ import orjson
 import polars as pl
 
 from sft_engine.errors import DataError
+from sft_engine.io import parquet_batches
 
 # Raw preview kept for a rejected row, so a curator sees what was wrong without the 10 MB row itself.
 RAW_PREVIEW_CHARS = 500
@@ -159,11 +160,8 @@ PARQUET_BATCH = 4096
 
 
 def _parquet(path: Path) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH)
-        for batch in batches:
+        for batch in parquet_batches(path, PARQUET_BATCH):
             rows = pl.from_arrow(batch).to_dicts()  # type: ignore[union-attr]
             yield from (Record(obj) for obj in rows)
     except _READ_ERRORS as exc:

@@ -252,11 +252,14 @@ def _unit_spans(plan: CuratePlan) -> list[tuple[CurateUnit, int, int]]:
     return spans
 
 
-def _unit_rows(plan: CuratePlan, columns: list[str], spans: list[tuple[CurateUnit, int, int]] | None = None) -> pl.LazyFrame:
+def _unit_rows(
+    plan: CuratePlan, columns: list[str], spans: list[tuple[CurateUnit, int, int]] | None = None, recast: Sequence[pl.Expr] = ()
+) -> pl.LazyFrame:
     """Those columns of every unit's checked rows, in plan order, with each sharded source's rows
-    numbered 1.. across its shards. Lazy, so each reader takes only the columns it needs."""
+    numbered 1.. across its shards, each unit's columns passed through ``recast`` before they are concatenated.
+    Lazy, so each reader takes only the columns it needs."""
     return pl.concat([
-        pl.scan_parquet(unit.folder / "rows.parquet").select(columns).with_columns(row=pl.col("row") + offset)
+        pl.scan_parquet(unit.folder / "rows.parquet").select(columns).with_columns(*recast, row=pl.col("row") + offset)
         for unit, offset, _ in (spans or _unit_spans(plan))
     ])
 
@@ -410,19 +413,41 @@ def write_ordered(
 # ---- the report -------------------------------------------------------------------------------------
 
 
+def _rows_at(path: Path, positions: np.ndarray) -> pl.DataFrame:
+    """The rows of a Parquet file at these 0-based positions (ascending), reading only the row groups that hold them,
+    one at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path)
+    ends = np.cumsum([meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    groups = np.searchsorted(ends, positions, side="right")
+    parts = []
+    for g in np.unique(groups).tolist():
+        local = positions[groups == g] - (ends[g - 1] if g else 0)
+        parts.append(meta.read_row_group(g).take(pa.array(local)))
+    table = pa.concat_tables(parts) if parts else meta.schema_arrow.empty_table()
+    return pl.from_arrow(table)  # type: ignore[return-value]
+
+
 def _drop_samples(rejected_file: Path, folder: Path, seed: int) -> dict[str, int]:
     """Up to ``DROP_SAMPLES`` rejected rows per reason (seeded), as ``<reason>.jsonl`` with the conversation as
     stored, plus ``index.html`` showing them: a curator audits a rule in the MLflow UI without writing code."""
     folder.mkdir()
-    rejected = pl.read_parquet(rejected_file)
+    # The reasons alone first, then only the sampled rows: the rejected rows grow with the corpus (142k rows and
+    # their conversations at 3M), the samples do not.
+    reasons = pl.read_parquet(rejected_file, columns=["drop_reason"]).with_row_index("_i")
     written: dict[str, int] = {}
     sections = []
     doc = {r.name: r.doc for r in all_reasons()}
-    for reason in sorted(set(rejected["drop_reason"].to_list())):
-        rows = rejected.filter(pl.col("drop_reason") == reason)
-        total = rows.height
-        if rows.height > DROP_SAMPLES:
-            rows = rows.sample(DROP_SAMPLES, seed=seed).sort(KEY)
+    for reason in sorted(set(reasons["drop_reason"].to_list())):
+        picked = reasons.filter(pl.col("drop_reason") == reason)["_i"]
+        total = picked.len()
+        if total > DROP_SAMPLES:
+            picked = picked.sample(DROP_SAMPLES, seed=seed)  # the rows DataFrame.sample would pick, by the same draw
+        rows = _rows_at(rejected_file, picked.sort().to_numpy())
+        if total > DROP_SAMPLES:
+            rows = rows.sort(KEY)
         records = []
         for marks, content in zip(rows.drop("messages", "tools", "repairs").to_dicts(), row_dicts(rows), strict=True):
             records.append({**{k: v for k, v in marks.items() if v is not None}, **content})
@@ -488,15 +513,26 @@ def report_markdown(stats: dict[str, Any]) -> str:
 _PASSED_THROUGH = ["decontam_match", "n_chars", "repairs"]
 
 
+def _compact_columns(cfg: PipelineConfig) -> list[pl.Expr]:
+    """The dedup's per-row columns in 28 bytes instead of 74: the source as an Enum (1 byte), the drop reason as a
+    Categorical (4), the 16-byte exact-dedup hash as one UInt128 instead of a binary view and its buffer (32). That
+    was 140 MB of the dedup's high-water mark at 3M rows. ``_dedup_marks`` writes them back as strings."""
+    return [
+        pl.col("source").cast(pl.Enum([s.name for s in cfg.curate.sources])),
+        pl.col("drop_reason").cast(pl.Categorical),
+        pl.col("_dedup_hash").bin.reinterpret(dtype=pl.UInt128),
+    ]
+
+
 def _dedup_frame(cfg: PipelineConfig, plan: CuratePlan, spans: list[tuple[CurateUnit, int, int]], scratch: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """``dedup_and_split`` over the columns of every row it needs in memory (~80 B a row), the band keys read unit by
+    """``dedup_and_split`` over the columns of every row it needs in memory (~28 B a row, ``_compact_columns``), the band keys read unit by
     unit and paired within ``curate.memory_budget`` (spilled under ``scratch`` beyond it), the text only of rows in
     a near-dup candidate pair. Returns the marks but those of ``_PASSED_THROUGH``, and the near-dedup report."""
     near = ["_has_shingles"] if cfg.curate.near_dedup.enabled else []
-    slim = _unit_rows(plan, ["source", "row", "drop_reason", "_dedup_hash", "_split_bucket", *near], spans).collect()
+    slim = _unit_rows(plan, ["source", "row", "drop_reason", "_dedup_hash", "_split_bucket", *near], spans, _compact_columns(cfg)).collect()
 
     def texts_of(positions: np.ndarray) -> pl.Series:
-        return _texts_by_key(plan, slim.select(KEY).gather(positions), spans)
+        return _texts_by_key(plan, slim.select(KEY).gather(positions).with_columns(pl.col("source").cast(pl.String)), spans)
 
     def bands_of(positions: np.ndarray) -> Iterator[np.ndarray]:
         # Positions count rows across the units in plan order: each unit's band keys are read once, for its rows.
@@ -522,7 +558,7 @@ def _dedup_marks(cfg: PipelineConfig, plan: CuratePlan, scratch: Path, dest: Pat
     starts = itertools.accumulate((n for _, _, n in spans), initial=0)
     _write_batches((
         pl.concat([marks.slice(start, n), pl.read_parquet(unit.folder / "rows.parquet", columns=_PASSED_THROUGH)], how="horizontal")
-        .select(MARK_COLUMNS)
+        .select(MARK_COLUMNS).with_columns(pl.col("source", "drop_reason").cast(pl.String))
         for (unit, _, n), start in zip(spans, starts, strict=False)  # starts ends with one more item: the total
     ), dest)
     return near_info
