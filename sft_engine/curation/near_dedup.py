@@ -34,6 +34,7 @@ pair with units curated after.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -431,18 +432,30 @@ def minhash_signatures(shingles: np.ndarray, offsets: np.ndarray, num_perm: int 
                          _probe_sequences(bits, seed))
 
 
+_BAND_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(cache=True, nogil=True)
+def _band_pass(sig: np.ndarray, bands: int) -> np.ndarray:
+    """Band b's key: starting from (b + 1) * _BAND_MULT, each of its sketch values in turn xor-ed in with its row
+    number (1..rows) and mixed."""
+    n, rows = sig.shape[0], sig.shape[1] // bands
+    out = np.empty((n, bands), dtype=np.uint64)
+    for d in range(n):
+        for b in range(bands):
+            key = np.uint64(b + 1) * _BAND_MULT
+            for r in range(rows):
+                key = _mix_one(key ^ np.uint64(sig[d, b * rows + r]) ^ np.uint64(r + 1))
+            out[d, b] = key
+    return out
+
+
 def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
     """(n_docs, bands) uint64 LSH keys: band b hashes sketch columns [b * rows, (b + 1) * rows)."""
-    n, k = sig.shape
+    k = sig.shape[1]
     if k % bands:
         raise ValueError(f"bands ({bands}) must divide num_perm ({k})")
-    rows = k // bands
-    block = sig.reshape(n, bands, rows).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        key = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15), (n, bands)).copy()
-        for r in range(rows):
-            key = _mix(key ^ block[:, :, r] ^ np.uint64(r + 1))
-    return key
+    return _band_pass(np.ascontiguousarray(sig), bands)
 
 
 # Peak bytes per (key, doc) entry while its partition is paired, measured with the NumPy pairing the compiled walk
@@ -585,11 +598,43 @@ class NearDupResult:
         return sorted((np.bincount(heads)[np.unique(heads)] + 1).tolist(), reverse=True) if len(heads) else []
 
 
-def _sketch_block(texts: pl.Series, ngram: int, num_perm: int, bands: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Band keys of one block of texts, and which of them have at least one shingle."""
+def _sketch_block(texts: pl.Series, ngram: int, num_perm: int, bands: int, seed: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Band keys of one block of texts, which of them have at least one shingle, and the shingles (values, offsets)."""
     shingles, offsets = shingle_hashes(texts, ngram, seed)
     sig = minhash_signatures(shingles, offsets, num_perm, seed)
-    return band_keys(sig, bands), np.diff(offsets) > 0
+    return band_keys(sig, bands), np.diff(offsets) > 0, (shingles, offsets)
+
+
+def _sketch(
+    texts: pl.Series, ngram: int, num_perm: int, bands: int, seed: int, block_docs: int, workers: int, keep_bytes: int = 0
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """``sketch``, plus every document's shingles (values, offsets) while they total at most ``keep_bytes``, else None."""
+    n = len(texts)
+    if num_perm % bands:
+        raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
+    keys = np.zeros((n, bands), dtype=np.uint64)
+    has = np.zeros(n, dtype=bool)
+    spans = [(a, min(a + block_docs, n)) for a in range(0, n, block_docs)]
+
+    def run(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        return _sketch_block(texts.slice(span[0], span[1] - span[0]), ngram, num_perm, bands, seed)
+
+    kept: list[tuple[np.ndarray, np.ndarray]] | None = [] if keep_bytes > 0 else None
+    held = 0
+    with ThreadPoolExecutor(workers) if workers > 1 and len(spans) > 1 else contextlib.nullcontext() as pool:
+        for (a, b), (k, h, sets) in zip(spans, pool.map(run, spans) if pool else map(run, spans)):
+            keys[a:b], has[a:b] = k, h
+            held += sets[0].nbytes
+            if kept is not None and held <= keep_bytes:
+                kept.append(sets)
+            else:
+                kept = None
+    if kept is None:
+        return keys, has, None
+    values = np.concatenate([v for v, _ in kept]) if kept else np.zeros(0, dtype=np.uint64)
+    starts = np.cumsum([0] + [o[-1] for _, o in kept])
+    offsets = np.concatenate([[0], *(o[1:] + base for (_, o), base in zip(kept, starts))]).astype(np.int64)
+    return keys, has, (values, offsets)
 
 
 def sketch(
@@ -602,24 +647,7 @@ def sketch(
     not depend on either. One thread is the default: on the shared 2-core machines this was measured
     on, a second thread gave no speed-up (see docs/benchmarks.md).
     """
-    n = len(texts)
-    if num_perm % bands:
-        raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
-    keys = np.zeros((n, bands), dtype=np.uint64)
-    has = np.zeros(n, dtype=bool)
-    spans = [(a, min(a + block_docs, n)) for a in range(0, n, block_docs)]
-
-    def run(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        return _sketch_block(texts.slice(span[0], span[1] - span[0]), ngram, num_perm, bands, seed)
-
-    if workers > 1 and len(spans) > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            results = pool.map(run, spans)
-            for (a, b), (k, h) in zip(spans, results):
-                keys[a:b], has[a:b] = k, h
-    else:
-        for a, b in spans:
-            keys[a:b], has[a:b] = run((a, b))
+    keys, has, _ = _sketch(texts, ngram, num_perm, bands, seed, block_docs, workers)
     return keys, has
 
 
@@ -650,17 +678,21 @@ def verify_pairs(
     block_docs: int = 8192,
     budget_bytes: int = 1 << 30,
     scratch: Path | None = None,
+    shingles: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> NearDupResult:
     """Candidate pairs of ``n`` documents verified by exact Jaccard, resolved into clusters.
 
-    ``texts_of(indices)`` returns the texts of those documents (ascending, in that order); it is called for the
-    documents of candidate pairs only, ``block_docs`` at a time, so the caller never needs every text in memory.
-    Each document's shingles are kept in memory, or in a file under ``scratch`` when those of all candidate documents
-    would pass ``budget_bytes``: the pairs then read their two documents' shingles back one pair at a time.
+    With ``shingles`` (every document's shingle hashes and offsets, kept from the sketch) the sets are taken from
+    there. Else ``texts_of(indices)`` returns the texts of those documents (ascending, in that order); it is called
+    for the documents of candidate pairs only, ``block_docs`` at a time, so the caller never needs every text in
+    memory. Each document's shingles are kept in memory, or in a file under ``scratch`` when those of all candidate
+    documents would pass ``budget_bytes``: the pairs then read their two documents' shingles back one pair at a time.
     """
     rows = num_perm // bands
     sims = np.zeros(0)
-    if len(pairs):
+    if len(pairs) and shingles is not None:
+        sims = _jaccard_pairs(shingles[0], shingles[1], np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+    elif len(pairs):
         docs, local = np.unique(pairs, return_inverse=True)
         spill = scratch is not None and _SET_BYTES_PER_DOC * len(docs) > budget_bytes
         sets = _ShingleSets(scratch / "shingle_sets.bin" if spill and scratch is not None else None)
@@ -789,7 +821,15 @@ def near_duplicates(
     seed: int = 0,
     block_docs: int = 8192,
     workers: int = 1,
+    budget_bytes: int = 1 << 30,
 ) -> NearDupResult:
-    """Find near-duplicates among ``texts`` (Jaccard of word n-gram sets >= ``threshold``): ``sketch``, then ``resolve``."""
-    keys, has = sketch(texts, ngram, num_perm, bands, seed, block_docs, workers)
-    return resolve(keys, has, texts.gather, threshold, ngram, num_perm, seed, block_docs)
+    """Find near-duplicates among ``texts`` (Jaccard of word n-gram sets >= ``threshold``): ``sketch``, then ``resolve``.
+
+    The shingle hashes the sketch computed are kept for verification while they total at most ``budget_bytes``
+    (8 bytes a shingle: ~0.75 KB for a 100-word document); beyond it, the candidate documents are shingled again
+    from their text, as curation's global step does. The result is the same either way.
+    """
+    keys, has, kept = _sketch(texts, ngram, num_perm, bands, seed, block_docs, workers, budget_bytes)
+    n, bands = keys.shape
+    return verify_pairs(n, candidates_from_keys(keys, has), texts.gather, threshold, ngram, num_perm, bands, seed, block_docs,
+                        shingles=kept)

@@ -133,6 +133,35 @@ def test_densified_sketch_equals_a_plain_python_reference() -> None:
     assert sig[4].tolist() == sig[-1].tolist()
 
 
+def _splitmix(x: int) -> int:
+    m = (1 << 64) - 1
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & m
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def test_band_keys_equal_a_plain_python_reference() -> None:
+    from sft_engine.curation.near_dedup import band_keys
+
+    rng = random.Random(5)
+    sig = np.array([[rng.getrandbits(32) for _ in range(16)] for _ in range(4)] + [[0xFFFFFFFF] * 16], dtype=np.uint32)
+    for bands in (16, 4, 2):
+        rows = 16 // bands
+        want = []
+        for values in sig.tolist():
+            keys = []
+            for b in range(bands):
+                key = ((b + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+                for r in range(rows):
+                    key = _splitmix(key ^ values[b * rows + r] ^ (r + 1))
+                keys.append(key)
+            want.append(keys)
+        assert band_keys(sig, bands).tolist() == want
+    assert band_keys(sig[:, ::2], 4).tolist() == band_keys(np.ascontiguousarray(sig[:, ::2]), 4).tolist()
+
+
 def test_exact_jaccard_on_small_sets() -> None:
     sh = np.array([1, 2, 3, 3, 2, 3, 4, 4, 9], dtype=np.uint64)
     off = np.array([0, 4, 8, 8, 8, 9])  # {1,2,3}, {2,3,4}, {}, {}, {9}
@@ -229,6 +258,23 @@ def test_blocks_and_threads_do_not_change_the_result() -> None:
     assert (many.candidates, many.verified) == (one.candidates, one.verified)
     assert one.verified > 50
     assert round(one.recall_at_threshold, 4) == 0.947  # 16 x 8 bands: P(candidate | J = 0.8)
+
+
+def test_verifying_with_the_sketch_s_shingles_equals_shingling_the_candidates_again() -> None:
+    from sft_engine.curation.near_dedup import _sketch
+
+    docs = pl.Series(_corpus(400, 120, seed=3) + ["", "one two"])
+    _, _, kept = _sketch(docs, 5, 128, 16, 0, 64, 2, keep_bytes=1 << 30)
+    assert kept is not None
+    sh, off = shingle_hashes(docs)
+    assert np.array_equal(kept[0], sh) and np.array_equal(kept[1], off)  # 7 blocks of 64 joined end to end
+    # Past the budget nothing is kept: the candidates' texts are shingled again.
+    assert _sketch(docs, 5, 128, 16, 0, 64, 1, keep_bytes=sh.nbytes // 2)[2] is None
+    kept_run = near_duplicates(docs, block_docs=64)
+    again = near_duplicates(docs, block_docs=64, budget_bytes=0)
+    assert kept_run.duplicate_of.tolist() == again.duplicate_of.tolist()
+    assert (kept_run.candidates, kept_run.verified) == (again.candidates, again.verified)
+    assert kept_run.verified > 50
 
 
 def test_candidates_are_star_pairs_per_shared_key_in_memory_or_by_partitions(tmp_path: Path) -> None:
