@@ -349,7 +349,7 @@ def _profile_ours(texts) -> dict:
     from sft_engine.curation import near_dedup as nd
 
     stages = dict.fromkeys(["shingle_hashes", "minhash_signatures", "band_keys"], 0.0)
-    keys = []
+    keys, kept = [], []
     for a in range(0, len(texts), 8192):  # the blocks near_duplicates sketches, one thread
         t = time.perf_counter()
         sh, off = nd.shingle_hashes(texts.slice(a, 8192), NGRAM, 0)
@@ -360,15 +360,17 @@ def _profile_ours(texts) -> dict:
         t = time.perf_counter()
         keys.append(nd.band_keys(sig, 16))
         stages["band_keys"] += time.perf_counter() - t
+        kept.append((sh, off))
+    t = time.perf_counter()  # near_duplicates keeps the sketch's shingles for verification (within its budget)
+    values = np.concatenate([v for v, _ in kept])
+    starts = np.cumsum([0] + [o[-1] for _, o in kept])
+    offsets = np.concatenate([[0], *(o[1:] + b for (_, o), b in zip(kept, starts))]).astype(np.int64)
+    stages["shingles kept (joined)"] = time.perf_counter() - t
     t = time.perf_counter()
     pairs = nd.candidates_from_keys(np.concatenate(keys))
     stages["candidates_from_keys"] = time.perf_counter() - t
     t = time.perf_counter()
-    docs, local = np.unique(pairs, return_inverse=True)
-    sh, off = nd.shingle_hashes(texts.gather(docs), NGRAM, 0)
-    stages["shingle_hashes(candidate docs)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sims = nd.exact_jaccard(sh, off, local.reshape(-1, 2))
+    sims = nd._jaccard_pairs(values, offsets, pairs)
     stages["exact_jaccard"] = time.perf_counter() - t
     t = time.perf_counter()
     nd._clusters(len(texts), pairs[sims >= THRESHOLD])
