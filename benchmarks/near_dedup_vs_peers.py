@@ -362,9 +362,7 @@ def _profile_ours(texts) -> dict:
         stages["band_keys"] += time.perf_counter() - t
         kept.append((sh, off))
     t = time.perf_counter()  # near_duplicates keeps the sketch's shingles for verification (within its budget)
-    values = np.concatenate([v for v, _ in kept])
-    starts = np.cumsum([0] + [o[-1] for _, o in kept])
-    offsets = np.concatenate([[0], *(o[1:] + b for (_, o), b in zip(kept, starts))]).astype(np.int64)
+    values, offsets = nd.join_shingles(kept)
     stages["shingles kept (joined)"] = time.perf_counter() - t
     t = time.perf_counter()
     pairs = nd.candidates_from_keys(np.concatenate(keys))

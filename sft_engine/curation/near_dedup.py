@@ -629,12 +629,14 @@ def _sketch(
                 kept.append(sets)
             else:
                 kept = None
-    if kept is None:
-        return keys, has, None
-    values = np.concatenate([v for v, _ in kept]) if kept else np.zeros(0, dtype=np.uint64)
-    starts = np.cumsum([0] + [o[-1] for _, o in kept])
-    offsets = np.concatenate([[0], *(o[1:] + base for (_, o), base in zip(kept, starts))]).astype(np.int64)
-    return keys, has, (values, offsets)
+    return keys, has, None if kept is None else join_shingles(kept)
+
+
+def join_shingles(blocks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive blocks' shingles (values, offsets) as those of all their documents in order."""
+    values = np.concatenate([v for v, _ in blocks]) if blocks else np.zeros(0, dtype=np.uint64)
+    starts = np.cumsum([0] + [o[-1] for _, o in blocks])
+    return values, np.concatenate([[0], *(o[1:] + base for (_, o), base in zip(blocks, starts))]).astype(np.int64)
 
 
 def sketch(
@@ -660,10 +662,12 @@ def resolve(
     num_perm: int = 128,
     seed: int = 0,
     block_docs: int = 8192,
+    shingles: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> NearDupResult:
     """Candidates from shared band keys, verified by exact Jaccard, resolved into clusters (``verify_pairs``)."""
     n, bands = keys.shape
-    return verify_pairs(n, candidates_from_keys(keys, has), texts_of, threshold, ngram, num_perm, bands, seed, block_docs)
+    return verify_pairs(n, candidates_from_keys(keys, has), texts_of, threshold, ngram, num_perm, bands, seed, block_docs,
+                        shingles=shingles)
 
 
 def verify_pairs(
@@ -830,6 +834,4 @@ def near_duplicates(
     from their text, as curation's global step does. The result is the same either way.
     """
     keys, has, kept = _sketch(texts, ngram, num_perm, bands, seed, block_docs, workers, budget_bytes)
-    n, bands = keys.shape
-    return verify_pairs(n, candidates_from_keys(keys, has), texts.gather, threshold, ngram, num_perm, bands, seed, block_docs,
-                        shingles=kept)
+    return resolve(keys, has, texts.gather, threshold, ngram, num_perm, seed, block_docs, shingles=kept)

@@ -434,18 +434,23 @@ def _drop_samples(rejected_file: Path, folder: Path, seed: int) -> dict[str, int
     """Up to ``DROP_SAMPLES`` rejected rows per reason (seeded), as ``<reason>.jsonl`` with the conversation as
     stored, plus ``index.html`` showing them: a curator audits a rule in the MLflow UI without writing code."""
     folder.mkdir()
-    # The reasons alone first, then only the sampled rows: the rejected rows grow with the corpus (142k rows and
-    # their conversations at 3M), the samples do not.
+    # The reasons alone first, then only the sampled rows, every reason's in one read: the rejected rows grow with the
+    # corpus (142k rows and their conversations at 3M), the samples do not.
     reasons = pl.read_parquet(rejected_file, columns=["drop_reason"]).with_row_index("_i")
+    totals: dict[str, int] = {}
+    picks = []
+    for reason in sorted(set(reasons["drop_reason"].to_list())):
+        picked = reasons.filter(pl.col("drop_reason") == reason)["_i"]
+        totals[reason] = picked.len()
+        if picked.len() > DROP_SAMPLES:
+            picked = picked.sample(DROP_SAMPLES, seed=seed)  # the rows DataFrame.sample would pick, by the same draw
+        picks.append(picked)
+    sampled = _rows_at(rejected_file, pl.concat(picks).sort().to_numpy() if picks else np.zeros(0, dtype=np.int64))
     written: dict[str, int] = {}
     sections = []
     doc = {r.name: r.doc for r in all_reasons()}
-    for reason in sorted(set(reasons["drop_reason"].to_list())):
-        picked = reasons.filter(pl.col("drop_reason") == reason)["_i"]
-        total = picked.len()
-        if total > DROP_SAMPLES:
-            picked = picked.sample(DROP_SAMPLES, seed=seed)  # the rows DataFrame.sample would pick, by the same draw
-        rows = _rows_at(rejected_file, picked.sort().to_numpy())
+    for reason, total in totals.items():
+        rows = sampled.filter(pl.col("drop_reason") == reason)
         if total > DROP_SAMPLES:
             rows = rows.sort(KEY)
         records = []
